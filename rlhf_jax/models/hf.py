@@ -1,0 +1,371 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors, never pickle, never remote code.
+
+Each family's tensor names map to our parameter paths through one table of rules (MaxText/tunix
+style): a Hugging Face key pattern, our path template, and the reshape between Hugging Face's
+[out, in] torch Linear layout (or GPT-2's [in, out] Conv1D) and our [in, heads, head_dim] kernels.
+The same table drives import and export, so the two cannot drift apart.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models.config import ConfigError, DecoderConfig, from_hf_config, to_hf_config
+from rlhf_jax.models.transformer import CausalLM, ScalarModel
+
+
+class CheckpointError(ValueError):
+  """A Hugging Face checkpoint directory that cannot be loaded (names the file and problem)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  """Hugging Face key <-> our path, with layout conversions both ways."""
+  hf: str                               # may contain {i} for the layer index
+  ours: tuple                           # path with "{i}" where the layer index goes
+  to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
+  to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
+
+
+def _same(x, c):
+  del c
+  return x
+
+
+def _t(x, c):
+  del c
+  return x.T
+
+
+def _lin_in_heads(heads_attr):
+  """torch Linear [H*D, d] -> ours [d, H, D] and back."""
+  def to_ours(x, c):
+    return x.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
+
+  def to_hf(x, c):
+    return x.reshape(c.hidden_size, -1).T
+  return to_ours, to_hf
+
+
+def _bias_heads(heads_attr):
+  def to_ours(x, c):
+    return x.reshape(getattr(c, heads_attr), c.head_dim)
+
+  def to_hf(x, c):
+    del c
+    return x.reshape(-1)
+  return to_ours, to_hf
+
+
+def _o_from_linear(x, c):   # torch [d, H*D] -> [H, D, d]
+  return x.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
+
+
+def _o_to_linear(x, c):
+  return x.reshape(-1, c.hidden_size).T
+
+
+def _o_from_conv(x, c):     # Conv1D [H*D, d] -> [H, D, d]
+  return x.reshape(c.num_heads, c.head_dim, c.hidden_size)
+
+
+def _o_to_conv(x, c):
+  return x.reshape(-1, c.hidden_size)
+
+
+def _llama_rules(cfg: DecoderConfig) -> list[_Rule]:
+  q, kv = _lin_in_heads("num_heads"), _lin_in_heads("num_kv_heads")
+  qb, kvb = _bias_heads("num_heads"), _bias_heads("num_kv_heads")
+  L = "model.layers.{i}."
+  D = ("decoder", "layers", "{i}")
+  rules = [
+      _Rule("model.embed_tokens.weight", ("decoder", "embed"), _same, _same),
+      _Rule("model.norm.weight", ("decoder", "final_norm", "scale"), _same, _same),
+      _Rule(L + "input_layernorm.weight", D + ("attn_norm", "scale"), _same, _same),
+      _Rule(L + "post_attention_layernorm.weight", D + ("mlp_norm", "scale"), _same, _same),
+      _Rule(L + "self_attn.q_proj.weight", D + ("attn", "q"), *q),
+      _Rule(L + "self_attn.k_proj.weight", D + ("attn", "k"), *kv),
+      _Rule(L + "self_attn.v_proj.weight", D + ("attn", "v"), *kv),
+      _Rule(L + "self_attn.o_proj.weight", D + ("attn", "o"), _o_from_linear, _o_to_linear),
+      _Rule(L + "mlp.gate_proj.weight", D + ("mlp", "gate"), _t, _t),
+      _Rule(L + "mlp.up_proj.weight", D + ("mlp", "up"), _t, _t),
+      _Rule(L + "mlp.down_proj.weight", D + ("mlp", "down"), _t, _t),
+  ]
+  if cfg.qkv_bias:
+    rules += [_Rule(L + "self_attn.q_proj.bias", D + ("attn", "q_bias"), *qb),
+              _Rule(L + "self_attn.k_proj.bias", D + ("attn", "k_bias"), *kvb),
+              _Rule(L + "self_attn.v_proj.bias", D + ("attn", "v_bias"), *kvb)]
+  if cfg.out_bias:
+    rules.append(_Rule(L + "self_attn.o_proj.bias", D + ("attn", "o_bias"), _same, _same))
+  if cfg.mlp_bias:
+    rules += [_Rule(L + f"mlp.{n}_proj.bias", D + ("mlp", f"{n}_bias"), _same, _same)
+              for n in ("gate", "up", "down")]
+  if cfg.qk_norm:
+    rules += [_Rule(L + "self_attn.q_norm.weight", D + ("attn", "q_norm", "scale"), _same, _same),
+              _Rule(L + "self_attn.k_norm.weight", D + ("attn", "k_norm", "scale"), _same, _same)]
+  return rules
+
+
+def _gpt2_rules(cfg: DecoderConfig) -> list[_Rule]:
+  del cfg
+  L = "transformer.h.{i}."
+  D = ("decoder", "layers", "{i}")
+
+  def conv_in_heads(x, c):   # Conv1D [d, H*D] -> [d, H, D]
+    return x.reshape(c.hidden_size, c.num_heads, c.head_dim)
+
+  def conv_out_heads(x, c):
+    return x.reshape(c.hidden_size, -1)
+  bias_heads = _bias_heads("num_heads")
+  rules = [
+      _Rule("transformer.wte.weight", ("decoder", "embed"), _same, _same),
+      _Rule("transformer.wpe.weight", ("decoder", "pos_embed"), _same, _same),
+      _Rule("transformer.ln_f.weight", ("decoder", "final_norm", "scale"), _same, _same),
+      _Rule("transformer.ln_f.bias", ("decoder", "final_norm", "bias"), _same, _same),
+      _Rule(L + "attn.c_proj.weight", D + ("attn", "o"), _o_from_conv, _o_to_conv),
+      _Rule(L + "attn.c_proj.bias", D + ("attn", "o_bias"), _same, _same),
+      _Rule(L + "mlp.c_fc.weight", D + ("mlp", "up"), _same, _same),
+      _Rule(L + "mlp.c_fc.bias", D + ("mlp", "up_bias"), _same, _same),
+      _Rule(L + "mlp.c_proj.weight", D + ("mlp", "down"), _same, _same),
+      _Rule(L + "mlp.c_proj.bias", D + ("mlp", "down_bias"), _same, _same),
+  ]
+  for hf_ln, ours_ln in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+    rules += [_Rule(L + f"{hf_ln}.weight", D + (ours_ln, "scale"), _same, _same),
+              _Rule(L + f"{hf_ln}.bias", D + (ours_ln, "bias"), _same, _same)]
+  # c_attn packs q, k, v along the output axis; split on import, concatenated again on export.
+  for j, name in enumerate("qkv"):
+    def w_in(x, c, j=j):
+      return conv_in_heads(np.split(x, 3, axis=1)[j], c)
+
+    def b_in(x, c, j=j):
+      return bias_heads[0](np.split(x, 3)[j], c)
+    rules += [_Rule(L + "attn.c_attn.weight", D + ("attn", name), w_in, conv_out_heads),
+              _Rule(L + "attn.c_attn.bias", D + ("attn", f"{name}_bias"), b_in, bias_heads[1])]
+  return rules
+
+
+def _rules(cfg: DecoderConfig, scalar: bool) -> list[_Rule]:
+  rules = _gpt2_rules(cfg) if cfg.model_type == "gpt2" else _llama_rules(cfg)
+  if scalar:
+    rules.append(_Rule("score.weight", ("head",), _t, _t))
+  elif not cfg.tie_word_embeddings:
+    rules.append(_Rule("lm_head.weight", ("lm_head",), _t, _t))
+  return rules
+
+
+def _expand(rules: list[_Rule], cfg: DecoderConfig):
+  """Rules with {i} instantiated for every layer: [(hf_key, our_path, rule)]."""
+  out = []
+  for r in rules:
+    layers = range(cfg.num_layers) if "{i}" in r.hf else [None]
+    for i in layers:
+      hf = r.hf.format(i=i) if i is not None else r.hf
+      path = tuple(i if p == "{i}" else p for p in r.ours)
+      out.append((hf, path, r))
+  return out
+
+
+# Keys some exporters write that carry no weights (causal-mask buffers, rotary caches).
+_IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$)")
+
+
+def _read_config(path: str) -> dict[str, Any]:
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+  if not os.path.isfile(cfg_file):
+    raise CheckpointError(f"{cfg_file}: missing (a Hugging Face checkpoint needs config.json)")
+  try:
+    with open(cfg_file) as f:
+      hf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{cfg_file}: expected a JSON object")
+  return hf
+
+
+def _safetensors_files(path: str) -> list[str]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{index}: malformed safetensors index ({e!r})") from None
+    files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+    for f in files:
+      if not os.path.isfile(f):
+        raise CheckpointError(f"{f}: listed in {index} but missing")
+    return files
+  if os.path.isfile(single):
+    return [single]
+  if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in os.listdir(path)):
+    raise CheckpointError(
+        f"{path}: only pickle weights (.bin/.pt) found; rlhf_jax loads safetensors only because "
+        "pickle can execute code. Convert with transformers: "
+        "model.save_pretrained(dir, safe_serialization=True)")
+  raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _load_tensors(files: list[str]) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  tensors = {}
+  for f in files:
+    try:
+      tensors.update(load_file(f))
+    except (SafetensorError, OSError, ValueError) as e:
+      raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
+  return tensors
+
+
+def _is_scalar_arch(hf: dict[str, Any]) -> bool:
+  archs = hf.get("architectures") or []
+  return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def _set(tree: dict, path: tuple, value):
+  for p in path[:-1]:
+    tree = tree[p]
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32",
+                    param_dtype: str = "float32", shardings=None, **config_overrides):
+  """Loads a local Hugging Face checkpoint into a CausalLM or ScalarModel.
+
+  Args:
+    path: directory with config.json and model.safetensors (or a sharded index).
+    kind: "causal_lm" or "scalar"; by default from config.json `architectures`
+      (*ForSequenceClassification -> "scalar"). A causal LM loaded as "scalar" gets a fresh
+      zero head (e.g. a critic initialised from the SFT policy).
+    dtype: compute dtype ("float32" or "bfloat16").
+    param_dtype: storage dtype of the parameters.
+    shardings: optional callable(model) -> State of `jax.sharding.Sharding`s; each tensor goes
+      straight to its devices (see `rlhf_jax.sharding.param_shardings`).
+    **config_overrides: DecoderConfig fields to override.
+
+  Raises:
+    CheckpointError / ConfigError naming the file and the problem.
+  """
+  hf = _read_config(path)
+  try:
+    cfg = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, **config_overrides)
+  except KeyError as e:
+    raise CheckpointError(f"{os.path.join(path, 'config.json')}: missing field {e}") from None
+  if kind is None:
+    kind = "scalar" if _is_scalar_arch(hf) else "causal_lm"
+  if kind not in ("causal_lm", "scalar"):
+    raise ValueError(f"kind must be 'causal_lm' or 'scalar', got {kind!r}")
+  scalar = kind == "scalar"
+  tensors = _load_tensors(_safetensors_files(path))
+  cls = ScalarModel if scalar else CausalLM
+  abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  pure = nnx.to_pure_dict(state)
+  expected = _expand(_rules(cfg, scalar and _is_scalar_arch(hf)), cfg)
+  used = set()
+  values: dict[tuple, list] = {}
+  for hf_key, our_path, rule in expected:
+    if hf_key not in tensors:
+      raise CheckpointError(f"{path}: tensor {hf_key!r} missing from the safetensors files")
+    used.add(hf_key)
+    x = tensors[hf_key]
+    if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
+      raise CheckpointError(f"{path}: tensor {hf_key!r} has non-float dtype {x.dtype}")
+    target = _get(pure, our_path)
+    try:
+      y = rule.to_ours(np.asarray(x, np.float32), cfg)
+    except ValueError:
+      y = None
+    if y is None or y.shape != target.shape:
+      raise CheckpointError(
+          f"{path}: tensor {hf_key!r} has shape {tuple(x.shape)}, which does not fit "
+          f"{'.'.join(map(str, our_path))} of shape {tuple(target.shape)} for this config.json")
+    values[our_path] = y
+  extra = [k for k in tensors if k not in used and not _IGNORED.search(k)
+           and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+  if scalar and not _is_scalar_arch(hf):
+    extra = [k for k in extra if k != "lm_head.weight"]
+  if extra:
+    raise CheckpointError(f"{path}: unexpected tensors for {cfg.model_type}: {sorted(extra)[:8]}")
+  sh_pure = nnx.to_pure_dict(shardings(abstract)) if shardings is not None else None
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
+    p = tuple(k.key for k in kp)
+    # The only leaf a checkpoint may lack is the scalar head of an LM trunk loaded as "scalar":
+    # it starts at zero, like every fresh head here.
+    arr = values[p] if p in values else np.zeros(leaf.shape)
+    arr = arr.astype(jnp.dtype(cfg.param_dtype))
+    _set(pure, p, jax.device_put(arr, _get(sh_pure, p)) if sh_pure is not None else jnp.asarray(arr))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def save_pretrained(model, path: str, *, architecture: str | None = None) -> None:
+  """Writes `model` as a Hugging Face checkpoint directory (config.json + model.safetensors).
+
+  The directory is built beside `path` and renamed into place, so a crash never leaves a
+  half-written checkpoint at `path`.
+  """
+  from safetensors.numpy import save_file
+  cfg: DecoderConfig = model.cfg
+  scalar = isinstance(model, ScalarModel)
+  family = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[cfg.model_type]
+  if architecture is None:
+    architecture = f"{family}ForSequenceClassification" if scalar else (
+        "GPT2LMHeadModel" if cfg.model_type == "gpt2" else f"{family}ForCausalLM")
+  pure = nnx.to_pure_dict(nnx.state(model))
+  tensors = {}
+  for hf_key, our_path, rule in _expand(_rules(cfg, scalar), cfg):
+    x = np.asarray(jax.device_get(_get(pure, our_path)), np.float32)
+    y = rule.to_hf(x, cfg)
+    if hf_key in tensors:   # GPT-2 c_attn: q, k, v parts arrive in order and are concatenated.
+      y = np.concatenate([tensors[hf_key], y], axis=-1)
+    tensors[hf_key] = y
+  # Written in float32 whatever the training dtype: exact, and every consumer reads it.
+  tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+  hf_cfg = to_hf_config(cfg, architecture)
+  hf_cfg["dtype"] = "float32"
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  try:
+    save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_cfg, f, indent=2, sort_keys=True)
+    if os.path.isdir(path):
+      # Keep files we did not write (tokenizer files) and replace ours.
+      for name in os.listdir(path):
+        if name not in ("model.safetensors", "config.json", "model.safetensors.index.json"):
+          src = os.path.join(path, name)
+          if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(tmp, name))
+      old = path + ".old"
+      os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+__all__ = ["CheckpointError", "ConfigError", "from_pretrained", "save_pretrained"]

@@ -1,0 +1,348 @@
+"""Decoder-only transformers (GPT-2, Llama 2/3, Qwen2, Qwen3) as Flax NNX modules.
+
+One implementation, switched by `DecoderConfig`. Every parameter carries logical axis names in its
+`axes` metadata (MaxText style) so `rlhf_jax.sharding` can place it on any mesh. Hot code uses these
+modules functionally: `graphdef, params = nnx.split(model)` and `nnx.merge(graphdef, params)` inside
+jitted pure functions.
+
+Attention is written once for both the plain forward and the KV-cached path: queries occupy slots
+`index .. index+T` of a key buffer and may attend slot j iff j <= their slot and slot j holds a real
+token. Without a cache the buffer is the sequence itself. Left padding therefore needs no special
+case: padded slots are masked out and position ids come from the mask (cumsum(mask) - 1).
+"""
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlhf_jax.models.config import DecoderConfig
+
+_NEG_INF = float(np.finfo(np.float32).min)
+
+
+def _normal(std):
+  return jax.nn.initializers.normal(std)
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Fixed-size decode cache.
+
+  Attributes:
+    k, v: Per-layer tuples of [B, S, num_kv_heads, head_dim] buffers.
+    mask: [B, S] bool, slot holds a real (attendable) token.
+    pos: [B] int32, position id the next real token of each row will get.
+    index: int32 scalar, next slot to write (shared by the batch: fixed shapes).
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  mask: jax.Array
+  pos: jax.Array
+  index: jax.Array
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """An empty cache of `max_len` slots for `batch` rows."""
+  dtype = dtype or cfg.compute_dtype
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(
+      k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+      v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+      mask=jnp.zeros((batch, max_len), jnp.bool_),
+      pos=jnp.zeros((batch,), jnp.int32),
+      index=jnp.zeros((), jnp.int32))
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Position ids of a left-padded batch: cumsum(mask) - 1, clipped at 0 on the padding."""
+  return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
+  """RoPE inverse frequencies theta^(-2i/d) (Su et al. 2021), with Hugging Face's scalings.
+
+  "linear": divide by `factor` (Chen et al. 2023). "llama3": the Llama 3.1 band-wise rule, long
+  wavelengths divided by `factor`, short ones kept, a smooth blend between
+  (transformers `_compute_llama3_parameters`).
+  """
+  d = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  scaling = dict(cfg.rope_scaling)
+  rope_type = scaling.get("rope_type", "default")
+  if rope_type == "linear":
+    inv_freq = inv_freq / scaling["factor"]
+  elif rope_type == "llama3":
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates [B, T, H, D] by angle position * inv_freq, rotate-half layout (Hugging Face)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Norm(nnx.Module):
+  """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019), statistics in float32."""
+
+  def __init__(self, cfg: DecoderConfig, dim: int, axes: tuple, *, rngs: nnx.Rngs):
+    del rngs
+    self.kind = cfg.norm
+    self.eps = cfg.norm_eps
+    self.scale = nnx.Param(jnp.ones((dim,), cfg.weight_dtype), axes=axes)
+    if cfg.norm == "layernorm":
+      self.bias = nnx.Param(jnp.zeros((dim,), cfg.weight_dtype), axes=axes)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x = x - x.mean(-1, keepdims=True)
+      y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+      return (y * self.scale[...] + self.bias[...]).astype(dtype)
+    y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
+    return (self.scale[...].astype(jnp.float32) * y).astype(dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query causal self-attention (Vaswani et al. 2017; Ainslie et al. 2023)."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, kv, hd, wd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.weight_dtype
+    init = _normal(0.02)
+    self.q = _param(rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), wd)
+    self.k = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), wd)
+    self.v = _param(rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), wd)
+    self.o = _param(rngs, init, (h, hd, d), ("heads", "head_dim", "embed"), wd)
+    if cfg.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((h, hd), wd), axes=("heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((kv, hd), wd), axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((kv, hd), wd), axes=("kv_heads", "head_dim"))
+    if cfg.out_bias:
+      self.o_bias = nnx.Param(jnp.zeros((d,), wd), axes=("embed",))
+    if cfg.qk_norm:
+      self.q_norm = Norm(cfg, hd, ("head_dim",), rngs=rngs)
+      self.k_norm = Norm(cfg, hd, ("head_dim",), rngs=rngs)
+
+  def _proj(self, x, name):
+    dt = x.dtype
+    y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dt))
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+    return y
+
+  def __call__(self, x, positions, key_mask, layer_cache, index):
+    """x [B,T,d]; key_mask [B,S]; layer_cache (k, v) buffers [B,S,KV,D] or None (then S == T)."""
+    cfg = self.cfg
+    q, k, v = self._proj(x, "q"), self._proj(x, "k"), self._proj(x, "v")
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if cfg.positions == "rope":
+      inv_freq = rope_inv_freq(cfg)  # a trace-time constant
+      q = apply_rope(q, positions, inv_freq)
+      k = apply_rope(k, positions, inv_freq)
+    if layer_cache is not None:
+      ck, cv = layer_cache
+      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+      new_cache = (k, v)
+    else:
+      new_cache = None
+    b, t, h, hd = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    # Group query heads onto their shared kv head instead of repeating k/v (no copies for GQA).
+    q = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+    scores = scores / math.sqrt(hd)
+    q_slot = index + jnp.arange(t)
+    allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]
+    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd).astype(x.dtype)
+    y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
+    if cfg.out_bias:
+      y = y + self.o_bias[...].astype(x.dtype)
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  """GPT-2 fc/proj MLP, or the gated SwiGLU MLP of Llama/Qwen (Shazeer 2020)."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, f, wd = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
+    init = _normal(0.02)
+    self.up = _param(rngs, init, (d, f), ("embed", "mlp"), wd)
+    self.down = _param(rngs, init, (f, d), ("mlp", "embed"), wd)
+    if cfg.gated_mlp:
+      self.gate = _param(rngs, init, (d, f), ("embed", "mlp"), wd)
+    if cfg.mlp_bias:
+      self.up_bias = nnx.Param(jnp.zeros((f,), wd), axes=("mlp",))
+      self.down_bias = nnx.Param(jnp.zeros((d,), wd), axes=("embed",))
+      if cfg.gated_mlp:
+        self.gate_bias = nnx.Param(jnp.zeros((f,), wd), axes=("mlp",))
+
+  def _dense(self, x, name):
+    y = x @ getattr(self, name)[...].astype(x.dtype)
+    if self.cfg.mlp_bias:
+      y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
+    return y
+
+  def __call__(self, x):
+    act = {"silu": jax.nn.silu, "gelu": lambda z: jax.nn.gelu(z, approximate=False),
+           "gelu_new": lambda z: jax.nn.gelu(z, approximate=True)}[self.cfg.activation]
+    if self.cfg.gated_mlp:
+      hidden = act(self._dense(x, "gate")) * self._dense(x, "up")
+    else:
+      hidden = act(self._dense(x, "up"))
+    return self._dense(hidden, "down")
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg, cfg.hidden_size, ("embed",), rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = Norm(cfg, cfg.hidden_size, ("embed",), rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, key_mask, layer_cache, index):
+    y, layer_cache = self.attn(self.attn_norm(x), positions, key_mask, layer_cache, index)
+    x = x + y
+    return x + self.mlp(self.mlp_norm(x)), layer_cache
+
+
+class Decoder(nnx.Module):
+  """Embeddings, blocks and final norm: token ids -> hidden states [B, T, d]."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, _normal(0.02), (cfg.vocab_size, cfg.hidden_size),
+                        ("vocab", "embed"), cfg.weight_dtype)
+    if cfg.positions == "learned":
+      self.pos_embed = _param(rngs, _normal(0.01), (cfg.max_position_embeddings, cfg.hidden_size),
+                              (None, "embed"), cfg.weight_dtype)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg, cfg.hidden_size, ("embed",), rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
+    """Returns (hidden [B,T,d], cache or None).
+
+    Args:
+      input_ids: [B, T] int.
+      attention_mask: [B, T], 1 on real tokens (left padding allowed); all ones if None.
+      positions: [B, T] position ids; derived from the mask (and the cache's `pos`) if None.
+      cache: a KVCache to append these T tokens to, or None for a plain forward.
+    """
+    cfg = self.cfg
+    b, t = input_ids.shape
+    mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+    if positions is None:
+      positions = positions_from_mask(mask)
+      if cache is not None:
+        positions = positions + cache.pos[:, None]
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype)
+    if cfg.positions == "learned":
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.compute_dtype)
+    if cache is None:
+      index, key_mask = jnp.zeros((), jnp.int32), mask
+    else:
+      index = cache.index
+      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+      x, layer_cache = block(x, positions, key_mask, layer_cache, index)
+      if cache is not None:
+        new_k.append(layer_cache[0])
+        new_v.append(layer_cache[1])
+    x = self.final_norm(x)
+    if cache is None:
+      return x, None
+    return x, KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask,
+                      pos=cache.pos + mask.sum(-1).astype(jnp.int32), index=index + t)
+
+
+class CausalLM(nnx.Module):
+  """Decoder with a language-model head; `model(ids, attention_mask=m)` gives float32 logits."""
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.decoder = Decoder(cfg, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, _normal(0.02), (cfg.hidden_size, cfg.vocab_size),
+                            ("embed", "vocab"), cfg.weight_dtype)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Hidden states [..., d] -> float32 logits [..., V]."""
+    if self.cfg.tie_word_embeddings:
+      w = self.decoder.embed[...].astype(hidden.dtype)
+      out = jnp.einsum("...d,vd->...v", hidden, w)
+    else:
+      out = hidden @ self.lm_head[...].astype(hidden.dtype)
+    return out.astype(jnp.float32)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    """Logits [B,T,V]; with a cache, (logits, new_cache)."""
+    hidden, new_cache = self.decoder(input_ids, attention_mask, positions, cache)
+    logits = self.logits(hidden)
+    return logits if cache is None else (logits, new_cache)
+
+
+class ScalarModel(nnx.Module):
+  """Decoder with a linear scalar head: reward models and critics.
+
+  `model(ids, attention_mask=m)` reads the head at the last real token of each row, like Hugging Face
+  `*ForSequenceClassification` (shape [B] for one label, [B, num_labels] otherwise);
+  `model.per_token(...)` gives the head at every position ([B, T]), which a critic needs.
+  """
+
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, head_std: float = 0.0):
+    self.cfg = cfg
+    self.decoder = Decoder(cfg, rngs=rngs)
+    # Zero init by default: a fresh value head predicts 0 instead of noise (N implementation details).
+    init = _normal(head_std) if head_std > 0 else jax.nn.initializers.zeros
+    self.head = _param(rngs, init, (cfg.hidden_size, cfg.num_labels), ("embed", None),
+                       cfg.weight_dtype)
+
+  def _head(self, hidden):
+    out = (hidden @ self.head[...].astype(hidden.dtype)).astype(jnp.float32)
+    return out[..., 0] if self.cfg.num_labels == 1 else out
+
+  def per_token(self, input_ids, attention_mask=None, positions=None):
+    hidden, _ = self.decoder(input_ids, attention_mask, positions)
+    return self._head(hidden)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, read_index=None):
+    """Scores read at `read_index` [B] (default: the last real token of each row)."""
+    hidden, _ = self.decoder(input_ids, attention_mask, positions)
+    if read_index is None:
+      t = input_ids.shape[1]
+      if attention_mask is None:
+        read_index = jnp.full((input_ids.shape[0],), t - 1)
+      else:
+        read_index = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t), 0), axis=-1)
+    picked = jnp.take_along_axis(hidden, read_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    return self._head(picked)

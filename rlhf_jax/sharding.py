@@ -1,0 +1,97 @@
+"""Meshes and the mapping from logical axis names to `NamedSharding`s.
+
+Every parameter carries logical axes (`nnx.Param(..., axes=("embed", "mlp"))`); one ordered rules
+list maps each logical name to mesh axes (MaxText / Flax `logical_axis_rules` style). A mesh axis
+that does not divide a dimension is dropped for that dimension rather than failing, so the same
+rules serve a 1-device CPU run and a pod (e.g. 2 kv heads on a tensor axis of 4 are replicated).
+"""
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes, in priority order.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("head_dim", ()),
+)
+
+
+class MeshError(ValueError):
+  """A mesh shape that does not fit the available devices."""
+
+
+def make_mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = MESH_AXES,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all). `shape` may hold one -1, filled with what is left.
+
+  Default shape: all devices on "data".
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  shape = list(shape) if shape is not None else [n] + [1] * (len(axes) - 1)
+  if len(shape) != len(axes):
+    raise MeshError(f"mesh shape {tuple(shape)} needs one size per axis {tuple(axes)}")
+  if shape.count(-1) > 1:
+    raise MeshError(f"mesh shape {tuple(shape)}: at most one -1")
+  if -1 in shape:
+    known = int(np.prod([s for s in shape if s != -1]))
+    if known <= 0 or n % known:
+      raise MeshError(f"mesh shape {tuple(shape)} does not divide {n} devices")
+    shape[shape.index(-1)] = n // known
+  if any(s <= 0 for s in shape) or int(np.prod(shape)) != n:
+    raise MeshError(
+        f"mesh shape {dict(zip(axes, shape))} needs {int(np.prod(shape))} devices, but {n} "
+        f"are available ({jax.devices()[0].platform})")
+  return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules=DEFAULT_RULES) -> P:
+  """PartitionSpec for one array: each logical name takes its rule's mesh axes that are still
+  unused and divide the dimension."""
+  if axes is None:
+    return P()
+  rules = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape):
+    chosen = []
+    for mesh_axis in rules.get(name, ()) if name is not None else ():
+      size = mesh.shape.get(mesh_axis, 1)
+      if mesh_axis in used or size == 1:
+        continue
+      if dim % (size * int(np.prod([mesh.shape[a] for a in chosen] or [1]))) == 0:
+        chosen.append(mesh_axis)
+    used.update(chosen)
+    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+  return P(*spec)
+
+
+def param_shardings(model_or_state, mesh: Mesh, rules=DEFAULT_RULES):
+  """A State of NamedShardings matching `nnx.state(model)` (or a State), from each Param's axes."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+  return jax.tree.map(
+      lambda v: NamedSharding(mesh, logical_to_spec(getattr(v, "axes", None), v.shape, mesh, rules)),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+  """Rows split over the batch axes, everything else replicated."""
+  batch_axes = tuple(a for a in dict(rules)["batch"] if mesh.shape.get(a, 1) > 1)
+  first = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
+  return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,245 @@
+"""Parity of our decoder families with transformers (PyTorch) on tiny random checkpoints."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from rlhf_jax import models
+from rlhf_jax import sharding
+
+VOCAB = 97
+PAD = 0
+
+
+def _hf_config(family: str, **kw):
+  common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+  if family == "gpt2":
+    return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common, **kw)
+  llama_like = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+                    **common)
+  if family == "llama3":
+    return transformers.LlamaConfig(
+        **llama_like, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                       "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8}, **kw)
+  if family == "llama2":
+    return transformers.LlamaConfig(**llama_like, **kw)
+  if family == "qwen2":
+    return transformers.Qwen2Config(**llama_like, tie_word_embeddings=True, **kw)
+  if family == "qwen3":
+    return transformers.Qwen3Config(**llama_like, head_dim=16, **kw)
+  raise ValueError(family)
+
+
+FAMILIES = ["gpt2", "llama2", "llama3", "qwen2", "qwen3"]
+
+
+def _torch_model(family: str, scalar: bool, path: str):
+  torch.manual_seed(0)
+  cfg = _hf_config(family, num_labels=1) if scalar else _hf_config(family)
+  cls = (transformers.AutoModelForSequenceClassification if scalar
+         else transformers.AutoModelForCausalLM)
+  model = cls.from_config(cfg).eval()
+  # Non-zero biases and norm scales so every tensor's mapping is exercised.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name or "ln_" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(path, safe_serialization=True)
+  return model
+
+
+def _left_padded_batch(rng):
+  lengths = [12, 7, 3]
+  t = max(lengths)
+  ids = np.full((len(lengths), t), PAD, np.int64)
+  mask = np.zeros((len(lengths), t), np.int64)
+  for i, n in enumerate(lengths):
+    ids[i, t - n:] = rng.integers(3, VOCAB, n)
+    mask[i, t - n:] = 1
+  return ids, mask
+
+
+def _torch_logits(model, ids, mask):
+  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(pos))
+  return out.logits.numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_lm_parity_and_roundtrip(family, tmp_path):
+  src, dst = str(tmp_path / "hf"), str(tmp_path / "ours")
+  ref = _torch_model(family, scalar=False, path=src)
+  ids, mask = _left_padded_batch(np.random.default_rng(0))
+  want = _torch_logits(ref, ids, mask)
+
+  model = models.from_pretrained(src)
+  got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(got[valid], want[valid], atol=1e-4, rtol=0)
+
+  models.save_pretrained(model, dst)
+  back = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
+  np.testing.assert_allclose(_torch_logits(back, ids, mask)[valid], want[valid], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2"])
+def test_sequence_classification_parity_and_roundtrip(family, tmp_path):
+  src, dst = str(tmp_path / "hf"), str(tmp_path / "ours")
+  ref = _torch_model(family, scalar=True, path=src)
+  ids, mask = _left_padded_batch(np.random.default_rng(1))
+  want = _torch_logits(ref, ids, mask)[:, 0]   # HF reads the last non-pad token
+
+  model = models.from_pretrained(src)
+  assert isinstance(model, models.ScalarModel)
+  got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+  models.save_pretrained(model, dst)
+  back = transformers.AutoModelForSequenceClassification.from_pretrained(dst).eval()
+  np.testing.assert_allclose(_torch_logits(back, ids, mask)[:, 0], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3"])
+def test_kv_cache_decode_matches_full_forward(family, tmp_path):
+  _torch_model(family, scalar=False, path=str(tmp_path))
+  model = models.from_pretrained(str(tmp_path))
+  graphdef, params = nnx.split(model)
+  ids, mask = _left_padded_batch(np.random.default_rng(2))
+  b, p = ids.shape
+  new = np.random.default_rng(3).integers(3, VOCAB, (b, 5))
+  full_ids = np.concatenate([ids, new], 1)
+  full_mask = np.concatenate([mask, np.ones_like(new)], 1)
+  want = np.asarray(model(jnp.asarray(full_ids), attention_mask=jnp.asarray(full_mask)))
+
+  @jax.jit
+  def prefill(params, ids, mask):
+    m = nnx.merge(graphdef, params)
+    cache = models.init_cache(m.cfg, b, p + new.shape[1])
+    return m(ids, attention_mask=mask, cache=cache)
+
+  @jax.jit
+  def step(params, tok, cache):
+    return nnx.merge(graphdef, params)(tok[:, None], cache=cache)
+
+  logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[valid], want[:, :p][valid], atol=1e-4)
+  for t in range(new.shape[1]):
+    logits, cache = step(params, jnp.asarray(new[:, t]), cache)
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], want[:, p + t], atol=1e-4)
+
+
+def test_left_padding_does_not_change_logits():
+  cfg = models.DecoderConfig(model_type="qwen3", vocab_size=VOCAB, qk_norm=True, num_kv_heads=2)
+  model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  seq = np.random.default_rng(4).integers(3, VOCAB, (1, 6))
+  ref = np.asarray(model(jnp.asarray(seq)))
+  for pad in (1, 5):
+    ids = np.concatenate([np.full((1, pad), PAD), seq], 1)
+    mask = np.concatenate([np.zeros((1, pad)), np.ones_like(seq)], 1)
+    got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(got[:, pad:], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 4, 2), (2, 2, 2)])
+def test_sharded_forward_equals_single_device(mesh_shape):
+  cfg = models.DecoderConfig(model_type="llama", vocab_size=96, hidden_size=64, num_heads=4,
+                             num_kv_heads=2, head_dim=16, intermediate_size=128)
+  model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  ids = jnp.asarray(np.random.default_rng(5).integers(0, 96, (8, 10)))
+
+  def fwd(params, ids):
+    return nnx.merge(graphdef, params)(ids)
+
+  want = np.asarray(jax.jit(fwd)(params, ids))
+  mesh = sharding.make_mesh(mesh_shape)
+  shardings = sharding.param_shardings(params, mesh)
+  sharded = jax.device_put(params, shardings)
+  assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(sharded))
+  ids_sharded = jax.device_put(ids, sharding.batch_sharding(mesh, 2))
+  got = jax.jit(fwd)(sharded, ids_sharded)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_from_pretrained_places_params_on_mesh(tmp_path):
+  _torch_model("llama2", scalar=False, path=str(tmp_path))
+  mesh = sharding.make_mesh((1, 2, 4))
+  model = models.from_pretrained(str(tmp_path),
+                                 shardings=lambda m: sharding.param_shardings(m, mesh))
+  q = model.decoder.layers[0].attn.q[...]
+  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+
+
+def test_bfloat16_compute_close_to_float32(tmp_path):
+  _torch_model("llama2", scalar=False, path=str(tmp_path))
+  ids, mask = _left_padded_batch(np.random.default_rng(6))
+  f32 = models.from_pretrained(str(tmp_path))
+  bf16 = models.from_pretrained(str(tmp_path), dtype="bfloat16")
+  a = np.asarray(f32(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  b = np.asarray(bf16(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  valid = mask.astype(bool)
+  assert b.dtype == np.float32
+  np.testing.assert_allclose(b[valid], a[valid], atol=0.05)
+  assert not np.allclose(b[valid], a[valid], atol=1e-6)   # really computed in bf16
+
+
+class TestBadCheckpoints:
+
+  def _good(self, tmp_path):
+    _torch_model("llama2", scalar=False, path=str(tmp_path))
+    return str(tmp_path)
+
+  def test_missing_dir(self, tmp_path):
+    with pytest.raises(models.CheckpointError, match="does not exist"):
+      models.from_pretrained(str(tmp_path / "nope"))
+
+  def test_pickle_only_refused(self, tmp_path):
+    path = self._good(tmp_path)
+    os.rename(os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin"))
+    with pytest.raises(models.CheckpointError, match="safetensors only"):
+      models.from_pretrained(path)
+
+  def test_unsupported_model_type(self, tmp_path):
+    path = self._good(tmp_path)
+    cfg_file = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_file))
+    cfg["model_type"] = "mamba"
+    json.dump(cfg, open(cfg_file, "w"))
+    with pytest.raises(models.ConfigError, match="unsupported model_type 'mamba'"):
+      models.from_pretrained(path)
+
+  def test_shape_mismatch(self, tmp_path):
+    path = self._good(tmp_path)
+    cfg_file = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_file))
+    cfg["intermediate_size"] = 64
+    json.dump(cfg, open(cfg_file, "w"))
+    with pytest.raises(models.CheckpointError, match="gate_proj.weight.*shape"):
+      models.from_pretrained(path)
+
+  def test_corrupt_safetensors(self, tmp_path):
+    path = self._good(tmp_path)
+    f = os.path.join(path, "model.safetensors")
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[: len(data) // 2])
+    with pytest.raises(models.CheckpointError, match="corrupt"):
+      models.from_pretrained(path)
+
+  def test_bad_config_json(self, tmp_path):
+    path = self._good(tmp_path)
+    open(os.path.join(path, "config.json"), "w").write("{not json")
+    with pytest.raises(models.CheckpointError, match="config.json: not valid JSON"):
+      models.from_pretrained(path)
