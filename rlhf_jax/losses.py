@@ -1,0 +1,294 @@
+"""Policy and value losses for padded completions, and per-token log-probabilities / entropy.
+
+Inputs are [B, T] arrays with a mask (1 = valid completion token); everything is computed in
+float32 whatever the input dtype, and masked positions never influence a result or a gradient.
+
+Losses are registered by name and picked by a config string (as in tunix). Uniform signatures:
+
+  policy: fn(cfg: PolicyLossConfig, logprobs, old_logprobs, advantages, mask)
+            -> (loss scalar, aux dict with at least "clipfrac" and "approx_kl")
+  value:  fn(cfg: ValueLossConfig, values, old_values, returns, mask)
+            -> (loss scalar, aux dict with at least "vf_clipfrac")
+
+A fork adds one with `@register_policy_loss("name")` / `@register_value_loss("name")`.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.masked import masked_mean
+from rlhf_jax.registry import Registry
+
+Aux = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+  """Policy loss selection and clipping.
+
+  Attributes:
+    name: Key of `POLICY_LOSSES`.
+    clip_eps: Lower clip range: ratio >= 1 - clip_eps.
+    clip_eps_high: Upper clip range: ratio <= 1 + clip_eps_high; None means clip_eps (DAPO,
+      Yu et al. 2025, decouples the two).
+    dual_clip_c: Bound c > 1 of dual-clip PPO on the loss of negative-advantage tokens.
+  """
+
+  name: str = "ppo"
+  clip_eps: float = 0.2
+  clip_eps_high: float | None = None
+  dual_clip_c: float = 3.0
+
+  def __post_init__(self):
+    if self.clip_eps < 0:
+      raise ValueError(f"clip_eps must be >= 0, got {self.clip_eps}")
+    if self.clip_eps_high is not None and self.clip_eps_high < 0:
+      raise ValueError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
+    if self.dual_clip_c <= 1:
+      raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
+
+  @property
+  def eps_high(self) -> float:
+    return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueLossConfig:
+  """Value loss selection.
+
+  Attributes:
+    name: Key of `VALUE_LOSSES`.
+    clip_eps: Clip range of the value update around the old values ("clipped").
+  """
+
+  name: str = "clipped"
+  clip_eps: float = 0.2
+
+  def __post_init__(self):
+    if self.clip_eps < 0:
+      raise ValueError(f"clip_eps must be >= 0, got {self.clip_eps}")
+
+
+PolicyLoss = Callable[[PolicyLossConfig, jax.Array, jax.Array, jax.Array, jax.Array],
+                      tuple[jax.Array, Aux]]
+ValueLoss = Callable[[ValueLossConfig, jax.Array, jax.Array, jax.Array, jax.Array],
+                     tuple[jax.Array, Aux]]
+
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+VALUE_LOSSES: Registry[ValueLoss] = Registry("value loss")
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+  """Decorator registering `fn(cfg, logprobs, old_logprobs, advantages, mask)` under `name`."""
+  return POLICY_LOSSES.register(name)
+
+
+def register_value_loss(name: str) -> Callable[[ValueLoss], ValueLoss]:
+  """Decorator registering `fn(cfg, values, old_values, returns, mask)` under `name`."""
+  return VALUE_LOSSES.register(name)
+
+
+def _check_and_cast(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Checks [B, T] shapes of (*arrays, mask); returns (*arrays in float32, bool mask).
+
+  The arrays are zeroed at masked positions, so garbage in padding cannot produce inf / NaN.
+  """
+  chex.assert_rank(arrays, 2)
+  chex.assert_equal_shape(arrays)
+  *xs, mask = arrays
+  valid = mask.astype(bool)
+  return (*(jnp.where(valid, x.astype(jnp.float32), 0.0) for x in xs), valid)
+
+
+def _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask):
+  logprobs, old_logprobs, advantages, valid = _check_and_cast(logprobs, old_logprobs, advantages,
+                                                              mask)
+  return logprobs - old_logprobs, advantages, valid
+
+
+def _approx_kl(log_ratio: jax.Array, valid: jax.Array) -> jax.Array:
+  """Masked mean of k3(old || new) = (ratio - 1) - log ratio (Schulman 2020)."""
+  return masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)
+
+
+def _clipped_surrogate(cfg: PolicyLossConfig, log_ratio: jax.Array,
+                       advantages: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token PPO loss max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) and where clipping binds."""
+  ratio = jnp.exp(log_ratio)
+  unclipped = -advantages * ratio
+  clipped = -advantages * jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.eps_high)
+  return jnp.maximum(unclipped, clipped), clipped > unclipped
+
+
+@register_policy_loss("ppo")
+def ppo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
+             advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), token-level mean.
+
+  r_t = exp(logp_t - old_logp_t);  l_t = max(-A_t r_t, -A_t clip(r_t, 1 - eps, 1 + eps_high));
+  loss = sum_t m_t l_t / sum_t m_t over all valid tokens of the batch.
+  """
+  log_ratio, adv, valid = _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask)
+  per_token, clipped = _clipped_surrogate(cfg, log_ratio, adv)
+  return masked_mean(per_token, valid), {
+      "clipfrac": masked_mean(clipped, valid),
+      "approx_kl": _approx_kl(log_ratio, valid),
+  }
+
+
+@register_policy_loss("ppo_dual_clip")
+def ppo_dual_clip_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
+                       advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """Dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games", arXiv:1912.09729).
+
+  As "ppo", but for A_t < 0 the per-token loss is min(l_t, -c A_t), which bounds the loss when
+  the ratio is far above 1 + eps. Extra aux "dual_clipfrac": fraction of tokens where -c A binds.
+  """
+  log_ratio, adv, valid = _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask)
+  per_token, clipped = _clipped_surrogate(cfg, log_ratio, adv)
+  dual_bound = -cfg.dual_clip_c * adv
+  dual_clipped = (adv < 0) & (dual_bound < per_token)
+  per_token = jnp.where(dual_clipped, dual_bound, per_token)
+  return masked_mean(per_token, valid), {
+      "clipfrac": masked_mean(clipped, valid),
+      "dual_clipfrac": masked_mean(dual_clipped, valid),
+      "approx_kl": _approx_kl(log_ratio, valid),
+  }
+
+
+@register_policy_loss("grpo")
+def grpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
+              advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """GRPO clipped objective, averaged per sequence first, then over sequences.
+
+  Shao et al. 2024, DeepSeekMath (arXiv:2402.03300), eq. 3:
+
+    loss = 1/|S| sum_{i in S} 1/|o_i| sum_t l_{i,t},
+
+  with l the PPO per-token loss, |o_i| the valid tokens of row i and S the rows with at least one
+  valid token (all-padding rows are ignored rather than diluting the mean). The KL term of the
+  paper, when used (KLConfig.in_reward=False), is added by the caller.
+  """
+  log_ratio, adv, valid = _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask)
+  per_token, clipped = _clipped_surrogate(cfg, log_ratio, adv)
+  per_sequence = masked_mean(per_token, valid, axis=1)
+  return masked_mean(per_sequence, jnp.any(valid, axis=1)), {
+      "clipfrac": masked_mean(clipped, valid),
+      "approx_kl": _approx_kl(log_ratio, valid),
+  }
+
+
+@register_policy_loss("reinforce")
+def reinforce_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
+                   advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """Importance-weighted vanilla policy gradient (Williams 1992), token-level mean.
+
+  loss = -sum_t m_t A_t r_t / sum_t m_t; on-policy (r = 1) its gradient is
+  -sum_t m_t A_t grad logp_t / sum_t m_t. No clipping, so "clipfrac" is 0.
+  """
+  del cfg  # No hyperparameters.
+  log_ratio, adv, valid = _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask)
+  return -masked_mean(adv * jnp.exp(log_ratio), valid), {
+      "clipfrac": jnp.zeros((), jnp.float32),
+      "approx_kl": _approx_kl(log_ratio, valid),
+  }
+
+
+def policy_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
+                advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """Runs the policy loss named `cfg.name` (static: pass `cfg` as a static argument under jit).
+
+  Args:
+    cfg: Loss config.
+    logprobs: log pi_theta(a_t | s_t) of the sampled tokens, [B, T].
+    old_logprobs: The same under the policy that sampled them, [B, T].
+    advantages: [B, T].
+    mask: [B, T], 1 = valid completion token.
+
+  Returns:
+    (loss scalar float32, aux metrics dict).
+  """
+  loss, aux = POLICY_LOSSES.get(cfg.name)(cfg, logprobs, old_logprobs, advantages, mask)
+  chex.assert_rank(loss, 0)
+  return loss, aux
+
+
+@register_value_loss("clipped")
+def clipped_value_loss(cfg: ValueLossConfig, values: jax.Array, old_values: jax.Array,
+                       returns: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """Clipped value loss of PPO2 / Ziegler et al. 2019 (lm-human-preferences).
+
+  v_clip = old_v + clip(v - old_v, -eps, eps);
+  loss = 0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2)); "vf_clipfrac" = fraction of valid
+  tokens where the clipped term is the larger one.
+  """
+  values, old_values, returns, valid = _check_and_cast(values, old_values, returns, mask)
+  unclipped = jnp.square(values - returns)
+  values_clipped = old_values + jnp.clip(values - old_values, -cfg.clip_eps, cfg.clip_eps)
+  clipped = jnp.square(values_clipped - returns)
+  return 0.5 * masked_mean(jnp.maximum(unclipped, clipped), valid), {
+      "vf_clipfrac": masked_mean(clipped > unclipped, valid),
+  }
+
+
+@register_value_loss("mse")
+def mse_value_loss(cfg: ValueLossConfig, values: jax.Array, old_values: jax.Array,
+                   returns: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """loss = 0.5 * masked_mean((v - R)^2); "vf_clipfrac" = 0 (no clipping)."""
+  del cfg, old_values  # Unclipped: the old values play no role.
+  values, returns, valid = _check_and_cast(values, returns, mask)
+  return 0.5 * masked_mean(jnp.square(values - returns), valid), {
+      "vf_clipfrac": jnp.zeros((), jnp.float32),
+  }
+
+
+def value_loss(cfg: ValueLossConfig, values: jax.Array, old_values: jax.Array,
+               returns: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """Runs the value loss named `cfg.name` (static: pass `cfg` as a static argument under jit).
+
+  Args:
+    cfg: Loss config.
+    values: Current value predictions, [B, T].
+    old_values: Value predictions at rollout time, [B, T].
+    returns: Regression targets, [B, T].
+    mask: [B, T], 1 = valid completion token.
+
+  Returns:
+    (loss scalar float32, aux metrics dict).
+  """
+  loss, aux = VALUE_LOSSES.get(cfg.name)(cfg, values, old_values, returns, mask)
+  chex.assert_rank(loss, 0)
+  return loss, aux
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """log softmax(logits)[b, t, tokens[b, t]] in float32, [B, T].
+
+  Args:
+    logits: [B, T, V]; position t must hold the logits that predict tokens[:, t] (already
+      shifted and divided by the sampling temperature by the caller).
+    tokens: [B, T] integer ids.
+  """
+  chex.assert_rank([logits, tokens], [3, 2])
+  chex.assert_equal_shape_prefix([logits, tokens], 2)
+  chex.assert_type(tokens, int)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+
+def entropy_from_logits(logits: jax.Array) -> jax.Array:
+  """Per-token entropy H = -sum_v p_v log p_v of softmax(logits), float32, [B, T].
+
+  Computed from log_softmax (no overflow for large logits); vocabulary entries with p = 0
+  (logit -inf, e.g. masked tokens) contribute 0 instead of 0 * -inf = NaN, in value and gradient.
+  """
+  chex.assert_rank(logits, 3)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  # log p = -inf becomes 0 so that p log p = exp(0) * 0 = 0; selecting before the product also
+  # keeps the -inf out of the gradient.
+  safe_logp = jnp.where(jnp.isfinite(logp), logp, 0.0)
+  return -jnp.sum(jnp.exp(safe_logp) * safe_logp, axis=-1)
