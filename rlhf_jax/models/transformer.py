@@ -327,13 +327,14 @@ class ScalarModel(nnx.Module):
     self.head = _param(rngs, init, (cfg.hidden_size, cfg.num_labels), ("embed", None),
                        cfg.weight_dtype)
 
-  def _head(self, hidden):
+  def apply_head(self, hidden: jax.Array) -> jax.Array:
+    """The scalar head on hidden states [..., d] -> float32 [...] (or [..., num_labels])."""
     out = (hidden @ self.head[...].astype(hidden.dtype)).astype(jnp.float32)
     return out[..., 0] if self.cfg.num_labels == 1 else out
 
   def per_token(self, input_ids, attention_mask=None, positions=None):
     hidden, _ = self.decoder(input_ids, attention_mask, positions)
-    return self._head(hidden)
+    return self.apply_head(hidden)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, read_index=None):
     """Scores read at `read_index` [B] (default: the last real token of each row)."""
@@ -345,4 +346,4 @@ class ScalarModel(nnx.Module):
       else:
         read_index = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t), 0), axis=-1)
     picked = jnp.take_along_axis(hidden, read_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-    return self._head(picked)
+    return self.apply_head(picked)

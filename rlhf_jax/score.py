@@ -1,0 +1,187 @@
+"""`score`: rewards for a rollout, from a reward model or a plain reward function, with the KL
+penalty against the frozen reference policy.
+
+The implementation details that decide whether RLHF works (Huang et al. 2024, "The N Implementation
+Details of RLHF with PPO"): the reward model is read at the last real token (the EOS when present);
+policy and reference log-probs use the sampling temperature; completions without EOS can be
+penalised; the KL to the reference is estimated per token and either subtracted from the per-token
+reward (Ziegler et al. 2019) with the sequence score added at the last token, or left to the loss.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax import kl as kl_lib
+from rlhf_jax.losses import entropy_from_logits, token_logprobs
+from rlhf_jax.masked import masked_mean, masked_sum, masked_whiten
+from rlhf_jax.rollout import Rollout
+
+# A reward: fn(reward_params, rollout) -> scores [B]. `reward_params` is any pytree (None for
+# rule-based rewards), passed as a jit argument so weights are never baked into the program.
+RewardFn = Callable[[Any, Rollout], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+  """How a rollout becomes per-token rewards.
+
+  Attributes:
+    eos_token_id: Marks a finished completion.
+    temperature: The sampling temperature (log-probs are computed from logits / T).
+    kl: Estimator, placement (reward or loss) and controller of the KL penalty.
+    missing_eos_penalty: Subtracted from the score of completions cut before EOS (TRL's
+      `missing_eos_penalty`; 0 disables it).
+    whiten_scores: Whiten sequence scores over the batch after normalisation.
+  """
+  eos_token_id: int
+  temperature: float = 1.0
+  kl: kl_lib.KLConfig = kl_lib.KLConfig()
+  missing_eos_penalty: float = 0.0
+  whiten_scores: bool = False
+
+
+@flax.struct.dataclass
+class RewardNorm:
+  """Affine reward-model normalisation score = gain * raw + bias (Ziegler et al. 2019: chosen so
+  scores of the initial policy's samples have mean 0 and std 1)."""
+  gain: jax.Array
+  bias: jax.Array
+
+  @classmethod
+  def identity(cls) -> "RewardNorm":
+    return cls(gain=jnp.ones((), jnp.float32), bias=jnp.zeros((), jnp.float32))
+
+  @classmethod
+  def calibrate(cls, raw_scores: jax.Array) -> "RewardNorm":
+    """Gain and bias that map `raw_scores` to mean 0, std 1."""
+    mean, std = raw_scores.mean(), raw_scores.std()
+    gain = 1.0 / jnp.maximum(std, 1e-6)
+    return cls(gain=gain.astype(jnp.float32), bias=(-mean * gain).astype(jnp.float32))
+
+
+@flax.struct.dataclass
+class Scored:
+  """A rollout with everything `ppo_update` needs besides the train state.
+
+  Attributes:
+    rollout: The sampled completions.
+    ref_logprobs: [B, N] reference-policy log-probs of the completion tokens (0 on padding).
+    kl: [B, N] per-token KL estimate (0 on padding).
+    raw_scores: [B] reward before normalisation and penalties.
+    scores: [B] sequence score after normalisation, EOS penalty and whitening.
+    token_rewards: [B, N] per-token reward: -coef * kl (KL in reward) plus the score at the last
+      valid token.
+    values: [B, N] critic values at sampling time, or None without a critic.
+  """
+  rollout: Rollout
+  ref_logprobs: jax.Array
+  kl: jax.Array
+  raw_scores: jax.Array
+  scores: jax.Array
+  token_rewards: jax.Array
+  values: jax.Array | None = None
+
+
+def completion_hidden(model, rollout: Rollout) -> jax.Array:
+  """Hidden states [B, N, d] at the positions that predict each completion token.
+
+  Position P-1+t (the last prompt token, then each completion token) predicts completion token t.
+  """
+  p, n = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+  hidden, _ = model.decoder(rollout.sequences, attention_mask=rollout.sequence_mask)
+  return hidden[:, p - 1:p + n - 1]
+
+
+def completion_logprobs(graphdef: nnx.GraphDef, params: nnx.State, rollout: Rollout,
+                        temperature: float, with_entropy: bool = False):
+  """log pi(completion_t | prefix) under softmax(logits / T), [B, N], 0 on padding.
+
+  With `with_entropy`, also the per-token entropy of that distribution.
+  """
+  model = nnx.merge(graphdef, params)
+  logits = model.logits(completion_hidden(model, rollout)) / temperature
+  logp = token_logprobs(logits, rollout.completion_ids) * rollout.completion_mask
+  if with_entropy:
+    return logp, entropy_from_logits(logits) * rollout.completion_mask
+  return logp
+
+
+def last_token_index(mask: jax.Array) -> jax.Array:
+  """Index of the last valid entry of each row of a [B, T] mask (0 for an empty row)."""
+  t = mask.shape[-1]
+  return jnp.max(jnp.where(mask > 0, jnp.arange(t), 0), axis=-1)
+
+
+def has_eos(rollout: Rollout, eos_token_id: int) -> jax.Array:
+  """[B] bool: the completion contains EOS (rather than being cut at max_new_tokens)."""
+  return jnp.any((rollout.completion_ids == eos_token_id) & (rollout.completion_mask > 0), axis=-1)
+
+
+def reward_model_fn(graphdef: nnx.GraphDef) -> RewardFn:
+  """A RewardFn reading a ScalarModel at the last real token of prompt + completion."""
+  def fn(params, rollout: Rollout) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return model(rollout.sequences, attention_mask=rollout.sequence_mask)
+  return fn
+
+
+def score(cfg: ScoreConfig, rollout: Rollout, *, ref_graphdef: nnx.GraphDef,
+          ref_params: nnx.State, reward_fn: RewardFn, reward_params: Any,
+          kl_coef: jax.Array, reward_norm: RewardNorm | None = None,
+          values: jax.Array | None = None) -> tuple[Scored, dict[str, jax.Array]]:
+  """Scores a rollout and builds per-token rewards.
+
+  score_i = gain * r_i + bias - penalty * [no EOS in completion i]   (optionally whitened)
+  kl_{i,t} = estimator(log pi(y_t), log pi_ref(y_t))                 (masked)
+  token_reward_{i,t} = -beta * kl_{i,t} * [KL in reward] + score_i * [t = last valid token]
+
+  Args:
+    cfg: ScoreConfig (static).
+    rollout: from `rollout`; its `logprobs` are the policy's sampling log-probs.
+    ref_graphdef, ref_params: the frozen reference policy.
+    reward_fn, reward_params: the reward (a reward model via `reward_model_fn`, or any
+      jittable function of the rollout, e.g. a verifiable/rule-based reward).
+    kl_coef: beta, a float32 scalar (from the KL controller).
+    reward_norm: affine normalisation of the raw scores (identity if None).
+    values: critic values [B, N] at sampling time, passed through to `Scored`.
+
+  Returns:
+    (Scored, metrics).
+  """
+  mask = rollout.completion_mask
+  chex.assert_rank([mask, rollout.logprobs], 2)
+  ref_logprobs = completion_logprobs(ref_graphdef, ref_params, rollout, cfg.temperature)
+  kl = kl_lib.kl_penalty(cfg.kl.estimator, rollout.logprobs, ref_logprobs) * mask
+  raw = reward_fn(reward_params, rollout).astype(jnp.float32)
+  chex.assert_shape(raw, (mask.shape[0],))
+  norm = reward_norm if reward_norm is not None else RewardNorm.identity()
+  scores = norm.gain * raw + norm.bias
+  eos = has_eos(rollout, cfg.eos_token_id)
+  scores = scores - cfg.missing_eos_penalty * (1.0 - eos.astype(jnp.float32))
+  if cfg.whiten_scores:
+    scores = masked_whiten(scores, jnp.ones_like(scores))
+  last = jax.nn.one_hot(last_token_index(mask), mask.shape[1], dtype=jnp.float32) * mask
+  token_rewards = scores[:, None] * last
+  if cfg.kl.in_reward:
+    token_rewards = token_rewards - kl_coef * kl
+  seq_kl = masked_sum(kl, mask, axis=-1)
+  lengths = mask.sum(-1)
+  metrics = {
+      "reward_mean": scores.mean(),
+      "reward_std": scores.std(),
+      "raw_score_mean": raw.mean(),
+      "kl": seq_kl.mean(),
+      "kl_per_token": masked_mean(kl, mask),
+      "kl_coef": jnp.asarray(kl_coef, jnp.float32),
+      "non_score_reward": -(kl_coef * seq_kl).mean(),
+      "response_length": lengths.mean(),
+      "eos_rate": eos.astype(jnp.float32).mean(),
+  }
+  return Scored(rollout=rollout, ref_logprobs=ref_logprobs, kl=kl, raw_scores=raw, scores=scores,
+                token_rewards=token_rewards, values=values), metrics
