@@ -22,6 +22,7 @@ from rlhf_jax.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig, Advantage
 from rlhf_jax.losses import (POLICY_LOSSES, VALUE_LOSSES, PolicyLossConfig, ValueLossConfig,
                              entropy_from_logits, policy_loss, token_logprobs, value_loss)
 from rlhf_jax.masked import masked_mean, masked_var, masked_whiten
+from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.rollout import Rollout
 from rlhf_jax.score import Scored, completion_hidden
 
@@ -115,6 +116,24 @@ def init_train_state(cfg: PPOConfig, policy: nnx.Module, tx: optax.GradientTrans
                     kl=kl_lib.init_kl_controller(cfg.kl), rng=rng,
                     step=jnp.zeros((), jnp.int32), policy_graphdef=policy_graphdef,
                     value_graphdef=value_graphdef, tx=tx)
+
+
+def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh,
+                          rules=sharding_lib.DEFAULT_RULES) -> TrainState:
+  """A TrainState of NamedShardings: params by their logical axes, optimizer moments like the
+  params they track, everything else replicated."""
+  rep = sharding_lib.replicated(mesh)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  value = state.params["value"]
+  params = {
+      "policy": sharding_lib.param_shardings(state.params["policy"], mesh, rules),
+      "value": (sharding_lib.param_shardings(value, mesh, rules) if isinstance(value, nnx.State)
+                else jax.tree.map(lambda _: rep, value)),
+  }
+  opt_state = optax.tree_map_params(state.tx, lambda _, s: s, state.opt_state, params,
+                                    transform_non_params=lambda _: rep, is_leaf=is_var)
+  return state.replace(params=params, opt_state=opt_state, kl=jax.tree.map(lambda _: rep, state.kl),
+                       rng=rep, step=rep)
 
 
 def _policy_outputs(state: TrainState, params, rollout: Rollout, critic: str, temperature: float):
@@ -219,7 +238,7 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
     grads, metrics = grad_fn(params, dict(mb, kl_coef=kl_coef))
     updates, new_opt_state = state.tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     carry = (keep(new_params, params), keep(new_opt_state, opt_state))

@@ -79,10 +79,13 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
 
 
 def param_shardings(model_or_state, mesh: Mesh, rules=DEFAULT_RULES):
-  """A State of NamedShardings matching `nnx.state(model)` (or a State), from each Param's axes."""
+  """The tree of `nnx.state(model)` (or of a State) with each value replaced by its NamedSharding,
+  from the Param's logical axes. Same structure as the params, so it serves `jax.device_put`,
+  jit in/out shardings and `optax.tree_map_params` alike."""
   state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
   return jax.tree.map(
-      lambda v: NamedSharding(mesh, logical_to_spec(getattr(v, "axes", None), v.shape, mesh, rules)),
+      lambda v: v.replace(NamedSharding(
+          mesh, logical_to_spec(getattr(v, "axes", None), v.shape, mesh, rules))),
       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
