@@ -1,0 +1,262 @@
+"""Tokenisation into fixed-shape NumPy arrays.
+
+Conventions (from "The N Implementation Details of RLHF with PPO", Huang et al.
+2023, and "The N+ Implementation Details of RLHF with PPO: A Case Study on
+TL;DR Summarization", Huang et al. 2024):
+  - Prompts are LEFT padded so every prompt ends at the same column and
+    generation appends at column P for the whole batch; over-long prompts are
+    LEFT truncated, keeping the text closest to the reply.
+  - Prompt + completion sequences (SFT, reward modelling) are RIGHT padded.
+    Completions are never cut: one that does not fit is an error, or is dropped
+    and counted with `drop_overlong=True`.
+  - The pad token must differ from EOS: rewards and values are read at the EOS
+    index and padded positions are masked, which is ambiguous if they share an id.
+
+All arrays are int32 with 1 = real token in masks. Works with any
+`transformers` tokenizer (PreTrainedTokenizerFast / TokenizersBackend).
+"""
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from absl import logging
+import numpy as np
+
+from rlhf_jax.data.errors import DataError
+from rlhf_jax.data.loaders import PreferencePair
+
+
+class EncodedPrompts(NamedTuple):
+  """Left-padded prompts.
+
+  Attributes:
+    ids: int32 [N, P] token ids, `pad_token_id` on the left.
+    mask: int32 [N, P], 1 on prompt tokens.
+    num_truncated: how many prompts lost tokens to left truncation.
+  """
+  ids: np.ndarray
+  mask: np.ndarray
+  num_truncated: int
+
+
+class EncodedCompletions(NamedTuple):
+  """Right-padded prompt + completion sequences.
+
+  Attributes:
+    ids: int32 [M, L] token ids, prompt then completion (then EOS), then pad.
+    attention_mask: int32 [M, L], 1 on prompt and completion tokens.
+    completion_mask: int32 [M, L], 1 on completion tokens incl. the appended EOS.
+    kept: int32 [M], the index into the inputs of each row (M < N after drops).
+    num_dropped: examples dropped because the completion alone exceeds max_len.
+    num_truncated: kept examples whose prompt was left-truncated.
+  """
+  ids: np.ndarray
+  attention_mask: np.ndarray
+  completion_mask: np.ndarray
+  kept: np.ndarray
+  num_dropped: int
+  num_truncated: int
+
+
+class EncodedPreferences(NamedTuple):
+  """Chosen and rejected sequences of the same pairs, row-aligned.
+
+  Each `*_ids` / `*_attention_mask` / `*_completion_mask` is int32 [M, L] as in
+  `EncodedCompletions`; row m of chosen and rejected is pair `kept[m]`. A pair
+  is dropped when either side's completion does not fit.
+  """
+  chosen_ids: np.ndarray
+  chosen_attention_mask: np.ndarray
+  chosen_completion_mask: np.ndarray
+  rejected_ids: np.ndarray
+  rejected_attention_mask: np.ndarray
+  rejected_completion_mask: np.ndarray
+  kept: np.ndarray
+  num_dropped: int
+  num_truncated: int
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+  """Raises ValueError unless the tokenizer has a pad token distinct from its EOS token."""
+  name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+  if tokenizer.eos_token_id is None:
+    raise ValueError(f"tokenizer {name!r} has no eos_token; completions must end in EOS")
+  if tokenizer.pad_token_id is None:
+    raise ValueError(
+        f"tokenizer {name!r} has no pad_token; add a dedicated one, e.g. "
+        "tokenizer.add_special_tokens({'pad_token': '<pad>'}), and resize the embeddings")
+  if tokenizer.pad_token_id == tokenizer.eos_token_id:
+    raise ValueError(
+        f"tokenizer {name!r}: pad_token_id == eos_token_id == {tokenizer.pad_token_id}; RLHF "
+        "reads rewards at the EOS and masks padding, so pad must be a distinct token: add one "
+        "with tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the embeddings")
+
+
+def _token_lists(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+  return list(tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_len: int,
+                   use_chat_template: bool = False) -> EncodedPrompts:
+  """Tokenises prompts into left-padded, left-truncated int32 arrays of width `max_prompt_len`.
+
+  Without a chat template the prompt is encoded with the tokenizer's special
+  tokens (e.g. BOS). With `use_chat_template` it is rendered as one user message
+  with `add_generation_prompt=True` and encoded without adding special tokens
+  (the template writes them). Truncation keeps the last `max_prompt_len` tokens.
+
+  Raises:
+    ValueError: bad tokenizer (see `check_tokenizer`), no prompts, a prompt
+      with no tokens, or `use_chat_template` on a tokenizer without a template.
+  """
+  check_tokenizer(tokenizer)
+  if max_prompt_len < 1:
+    raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
+  if not prompts:
+    raise ValueError("no prompts to encode")
+  if use_chat_template:
+    if not getattr(tokenizer, "chat_template", None):
+      raise ValueError(f"use_chat_template=True but tokenizer {tokenizer.name_or_path!r} "
+                       "has no chat_template")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    tokens = _token_lists(tokenizer, texts, add_special_tokens=False)
+  else:
+    tokens = _token_lists(tokenizer, prompts, add_special_tokens=True)
+  ids = np.full((len(tokens), max_prompt_len), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((len(tokens), max_prompt_len), np.int32)
+  num_truncated = 0
+  for i, toks in enumerate(tokens):
+    if not toks:
+      raise ValueError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens")
+    num_truncated += len(toks) > max_prompt_len
+    toks = toks[-max_prompt_len:]
+    ids[i, max_prompt_len - len(toks):] = toks
+    mask[i, max_prompt_len - len(toks):] = 1
+  if num_truncated:
+    logging.warning("encode_prompts: %d of %d prompts left-truncated to %d tokens",
+                    num_truncated, len(tokens), max_prompt_len)
+  return EncodedPrompts(ids, mask, int(num_truncated))
+
+
+def _completion_tokens(tokenizer: Any, completions: Sequence[str],
+                       append_eos: bool) -> list[list[int]]:
+  eos = [tokenizer.eos_token_id] if append_eos else []
+  tokens = [t + eos for t in _token_lists(tokenizer, completions, add_special_tokens=False)]
+  for i, toks in enumerate(tokens):
+    if not toks:
+      raise ValueError(f"completion {i} ({completions[i]!r}) encodes to no tokens")
+  return tokens
+
+
+def _fits(completion_tokens: list[list[int]], max_len: int, drop_overlong: bool,
+          what: str) -> np.ndarray:
+  """Returns a bool [N] of completions that fit in max_len.
+
+  Raises DataError on the first that does not, unless `drop_overlong`.
+  """
+  fits = np.array([len(t) <= max_len for t in completion_tokens], bool)
+  if not drop_overlong and not fits.all():
+    i = int(np.argmin(fits))
+    raise DataError(
+        f"example {i}: {what} has {len(completion_tokens[i])} tokens (EOS included) but "
+        f"max_len is {max_len}; completions are never cut: raise max_len or pass "
+        "drop_overlong=True")
+  return fits
+
+
+def _pack_right(prompt_tokens: Sequence[list[int]], completion_tokens: Sequence[list[int]],
+                max_len: int,
+                pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Right-pads prompt+completion rows, left-truncating each prompt to what the completion leaves.
+
+  Returns ids, attention_mask, completion_mask and a bool [N] of truncated prompts.
+  """
+  n = len(prompt_tokens)
+  ids = np.full((n, max_len), pad_id, np.int32)
+  attention_mask = np.zeros((n, max_len), np.int32)
+  completion_mask = np.zeros((n, max_len), np.int32)
+  truncated = np.zeros((n,), bool)
+  for i, (prompt, completion) in enumerate(zip(prompt_tokens, completion_tokens)):
+    room = max_len - len(completion)
+    truncated[i] = len(prompt) > room
+    prompt = prompt[len(prompt) - room:] if len(prompt) > room else prompt
+    end = len(prompt) + len(completion)
+    ids[i, :end] = prompt + completion
+    attention_mask[i, :end] = 1
+    completion_mask[i, len(prompt):end] = 1
+  return ids, attention_mask, completion_mask, truncated
+
+
+def encode_prompt_completion(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str],
+                             max_len: int, append_eos: bool = True,
+                             drop_overlong: bool = False) -> EncodedCompletions:
+  """Tokenises (prompt, completion) pairs into right-padded int32 arrays of width `max_len`.
+
+  Prompt and completion are tokenised separately (prompt with special tokens,
+  completion without, EOS appended), as the policy sees them at generation
+  time. Row layout: [prompt | completion | EOS | pad...]. When the sum exceeds
+  max_len the prompt is left-truncated; a completion (with EOS) longer than
+  max_len raises DataError, or with `drop_overlong` the example is dropped and
+  counted (`kept` maps rows back to inputs).
+
+  Raises:
+    DataError: an over-long completion without `drop_overlong`.
+    ValueError: bad tokenizer, mismatched lengths, no examples, or all dropped.
+  """
+  check_tokenizer(tokenizer)
+  if len(prompts) != len(completions):
+    raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+  if not prompts:
+    raise ValueError("no examples to encode")
+  completion_tokens = _completion_tokens(tokenizer, completions, append_eos)
+  fits = _fits(completion_tokens, max_len, drop_overlong, "completion")
+  kept = np.flatnonzero(fits).astype(np.int32)
+  if not kept.size:
+    raise ValueError(f"all {len(prompts)} completions are longer than max_len {max_len}")
+  prompt_tokens = _token_lists(tokenizer, [prompts[i] for i in kept], add_special_tokens=True)
+  ids, attention_mask, completion_mask, truncated = _pack_right(
+      prompt_tokens, [completion_tokens[i] for i in kept], max_len, tokenizer.pad_token_id)
+  num_truncated = int(truncated.sum())
+  num_dropped = len(prompts) - kept.size
+  if num_dropped or num_truncated:
+    logging.warning("encode_prompt_completion: dropped %d of %d over-long examples; "
+                    "left-truncated %d prompts", num_dropped, len(prompts), num_truncated)
+  return EncodedCompletions(ids, attention_mask, completion_mask, kept, int(num_dropped),
+                            int(num_truncated))
+
+
+def encode_preferences(tokenizer: Any, pairs: Sequence[PreferencePair], max_len: int,
+                       append_eos: bool = True,
+                       drop_overlong: bool = False) -> EncodedPreferences:
+  """Encodes chosen and rejected sides of preference pairs like `encode_prompt_completion`.
+
+  Both sides of a pair share its prompt; a pair is dropped (with
+  `drop_overlong`) when either completion does not fit, so row m of the chosen
+  and rejected arrays is always the same pair `kept[m]`, as the Bradley-Terry
+  loss -log sigmoid(r(chosen) - r(rejected)) (Ouyang et al. 2022) needs.
+  `num_truncated` counts kept pairs whose prompt was cut on either side.
+  """
+  check_tokenizer(tokenizer)
+  if not pairs:
+    raise ValueError("no preference pairs to encode")
+  chosen = _completion_tokens(tokenizer, [p.chosen for p in pairs], append_eos)
+  rejected = _completion_tokens(tokenizer, [p.rejected for p in pairs], append_eos)
+  fits = (_fits(chosen, max_len, drop_overlong, "chosen completion")
+          & _fits(rejected, max_len, drop_overlong, "rejected completion"))
+  kept = np.flatnonzero(fits).astype(np.int32)
+  if not kept.size:
+    raise ValueError(f"all {len(pairs)} pairs have a completion longer than max_len {max_len}")
+  prompt_tokens = _token_lists(tokenizer, [pairs[i].prompt for i in kept],
+                               add_special_tokens=True)
+  c_ids, c_attn, c_comp, c_truncated = _pack_right(
+      prompt_tokens, [chosen[i] for i in kept], max_len, tokenizer.pad_token_id)
+  r_ids, r_attn, r_comp, r_truncated = _pack_right(
+      prompt_tokens, [rejected[i] for i in kept], max_len, tokenizer.pad_token_id)
+  num_truncated = int((c_truncated | r_truncated).sum())
+  num_dropped = len(pairs) - kept.size
+  if num_dropped or num_truncated:
+    logging.warning("encode_preferences: dropped %d of %d over-long pairs; "
+                    "left-truncated %d prompts", num_dropped, len(pairs), num_truncated)
+  return EncodedPreferences(c_ids, c_attn, c_comp, r_ids, r_attn, r_comp, kept,
+                            int(num_dropped), int(num_truncated))
