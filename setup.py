@@ -20,10 +20,17 @@ setuptools.setup(
         "transformers>=5.0,<6",
         "safetensors>=0.5",
         "numpy>=2.0",
+        # Run outputs: TensorBoard event files without TensorFlow, PNG curves.
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        # The embedded default task's simulated labeler: 7,500 human-rated words (VADER lexicon).
+        "vaderSentiment==3.3.2",
     ],
     extras_require={
         # torch is only a reference for parity tests, never a runtime dependency. Pinned to the
         # CPU wheel that lies on disk here so pip never pulls a multi-GB CUDA build.
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "datasets>=3", "pyarrow>=15"],
+        # Parquet and datasets-on-disk prompt/preference files.
+        "data": ["datasets>=3", "pyarrow>=15"],
     },
 )

@@ -1,0 +1,28 @@
+r"""Stage 2 alone: Bradley-Terry reward model; writes <workdir>/reward.
+
+  python -m experiments.reward_model --workdir=DIR --config.policy_path=DIR/sft
+  python -m experiments.reward_model --workdir=DIR --config.task='' \
+      --config.preferences=pairs.jsonl --config.policy_path=SFT_CKPT
+"""
+
+from absl import app
+
+from experiments import common
+from rlhf_jax import pipeline
+
+_CONFIG, _WORKDIR = common.define_flags()
+
+
+def main(argv):
+  del argv
+  common.setup()
+  config = _CONFIG.value
+  if not config.policy_path:
+    raise ValueError("set --config.policy_path to the SFT checkpoint the reward model starts from")
+  paths = pipeline.Paths(_WORKDIR.value)
+  pipeline.prepare_default_task(config, paths)
+  print(pipeline.run_reward(config, paths, config.policy_path))
+
+
+if __name__ == "__main__":
+  app.run(common.guard(main))

@@ -1,0 +1,27 @@
+r"""SFT -> reward model -> PPO in one command.
+
+  python -m experiments.rlhf --workdir=runs/default
+  python -m experiments.rlhf --workdir=DIR --config=experiments/configs/default.py:grpo
+  python -m experiments.rlhf --workdir=DIR --config.policy_path=SFT_CKPT \
+      --config.reward_path=RM_CKPT --config.prompts=prompts.jsonl --config.task=''
+"""
+
+import json
+
+from absl import app
+
+from experiments import common
+from rlhf_jax import pipeline
+
+_CONFIG, _WORKDIR = common.define_flags()
+
+
+def main(argv):
+  del argv
+  common.setup()
+  final = pipeline.run_all(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(common.guard(main))

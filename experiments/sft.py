@@ -1,0 +1,25 @@
+r"""Stage 1 alone: supervised fine-tuning; writes <workdir>/sft (a Hugging Face checkpoint).
+
+  python -m experiments.sft --workdir=DIR                      # built-in task, model from scratch
+  python -m experiments.sft --workdir=DIR --config.task='' --config.sft_data=sft.jsonl \
+      --config.policy_path=BASE_CKPT
+"""
+
+from absl import app
+
+from experiments import common
+from rlhf_jax import pipeline
+
+_CONFIG, _WORKDIR = common.define_flags()
+
+
+def main(argv):
+  del argv
+  common.setup()
+  paths = pipeline.Paths(_WORKDIR.value)
+  pipeline.prepare_default_task(_CONFIG.value, paths)
+  print(pipeline.run_sft(_CONFIG.value, paths))
+
+
+if __name__ == "__main__":
+  app.run(common.guard(main))

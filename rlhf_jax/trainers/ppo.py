@@ -1,0 +1,292 @@
+"""The RL loop around `rollout`, `score` and `ppo_update`.
+
+Each iteration: a batch of prompts -> completions -> scores and per-token rewards -> one PPO phase.
+Two jitted programs do all the work (collect = rollout + critic + score; update = ppo_update with the
+state donated); the host only feeds prompts and reads back metrics. Stops at `max_steps` or when the
+evaluated reward-model score reaches `reward_threshold`.
+"""
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from rlhf_jax import ppo as ppo_lib
+from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.data import PromptIterator, encode_prompts
+from rlhf_jax.metrics import MetricsWriter, Progress
+from rlhf_jax.optim import OptimConfig, make_optimizer
+from rlhf_jax.rollout import SamplingConfig, rollout
+from rlhf_jax.score import RewardFn, RewardNorm, ScoreConfig, score
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOTrainerConfig:
+  """The RL loop.
+
+  Attributes:
+    batch_size: Prompts per iteration (global, over all processes).
+    group_size: Completions sampled per prompt (> 1 for grpo / rloo / reinforce++ baselines).
+    max_prompt_len: Prompts are left-padded / left-truncated to this many tokens.
+    max_new_tokens: Completion length budget.
+    temperature, top_k, top_p: Sampling.
+    max_steps: Iteration budget.
+    reward_threshold: Stop once the evaluated mean reward-model score (raw units) reaches this.
+    eval_every: Iterations between evaluations on held-out prompts (0: only at the end).
+    num_eval_prompts: Held-out prompts per evaluation.
+    num_samples_logged: Rows of the sample table written per evaluation.
+    normalize_reward: Calibrate gain/bias so the initial policy's scores have mean 0, std 1.
+    missing_eos_penalty: Subtracted from scores of completions without EOS.
+    whiten_scores: Whiten scores over each batch.
+    seed: Seeds sampling, shuffling and minibatching.
+    log_every_s: Progress line period.
+    ppo: The PPO phase (losses, estimator, KL, critic, epochs, minibatches).
+    optim: Optimizer of policy and critic; total_steps counts minibatch steps.
+  """
+  batch_size: int = 64
+  group_size: int = 1
+  max_prompt_len: int = 16
+  max_new_tokens: int = 16
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_steps: int = 20_000
+  reward_threshold: float | None = None
+  eval_every: int = 10
+  num_eval_prompts: int = 64
+  num_samples_logged: int = 8
+  normalize_reward: bool = True
+  missing_eos_penalty: float = 0.0
+  whiten_scores: bool = False
+  seed: int = 0
+  log_every_s: float = 10.0
+  ppo: ppo_lib.PPOConfig = ppo_lib.PPOConfig()
+  optim: OptimConfig = OptimConfig()
+
+  def __post_init__(self):
+    if self.ppo.advantage.group_size != self.group_size:
+      raise ValueError(f"ppo.advantage.group_size={self.ppo.advantage.group_size} must equal "
+                       f"group_size={self.group_size}")
+    if (self.batch_size * self.group_size) % self.ppo.num_minibatches:
+      raise ValueError(f"batch_size*group_size={self.batch_size * self.group_size} is not "
+                       f"divisible by ppo.num_minibatches={self.ppo.num_minibatches}")
+
+
+def distinct_n(rows: list[list[int]], n: int) -> float:
+  """Distinct-n (Li et al. 2016): unique n-grams / total n-grams over all completions."""
+  grams = [tuple(r[i:i + n]) for r in rows for i in range(len(r) - n + 1)]
+  return len(set(grams)) / max(len(grams), 1)
+
+
+def _valid_rows(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+  return [row[m > 0].tolist() for row, m in zip(ids, mask)]
+
+
+class PPOTrainer:
+  """Runs PPO (or a registered variant) from a policy, a reward and prompts.
+
+  Args:
+    cfg: PPOTrainerConfig.
+    policy: CausalLM to train; the reference is a frozen copy of it unless `ref_policy` is given.
+    tokenizer: Hugging Face tokenizer (pad distinct from EOS).
+    train_prompts, eval_prompts: Prompt strings.
+    reward_fn, reward_params: the reward (see `rlhf_jax.score`).
+    value_model: ScalarModel critic for ppo.critic == "separate".
+    gold_fn: Optional text -> score of a judge the policy never sees (logged as gold_score).
+    mesh: Device mesh (default: all devices on "data").
+    writer: MetricsWriter for per-iteration and eval records.
+  """
+
+  def __init__(self, cfg: PPOTrainerConfig, policy, tokenizer, train_prompts: list[str],
+               eval_prompts: list[str], *, reward_fn: RewardFn, reward_params: Any,
+               value_model=None, ref_policy=None, gold_fn: Callable[[str], float] | None = None,
+               mesh=None, writer: MetricsWriter | None = None):
+    self.cfg = cfg
+    self.tokenizer = tokenizer
+    self.gold_fn = gold_fn
+    self.writer = writer
+    self.mesh = mesh if mesh is not None else sharding_lib.make_mesh()
+    self.sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
+        top_p=cfg.top_p)
+    self.score_cfg = ScoreConfig(
+        eos_token_id=tokenizer.eos_token_id, temperature=cfg.temperature, kl=cfg.ppo.kl,
+        missing_eos_penalty=cfg.missing_eos_penalty, whiten_scores=cfg.whiten_scores)
+    if policy.cfg.vocab_size < len(tokenizer):
+      raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the policy's vocabulary has "
+                       f"{policy.cfg.vocab_size}")
+    enc = encode_prompts(tokenizer, train_prompts, cfg.max_prompt_len)
+    if enc.num_truncated:
+      logging.warning("%d of %d train prompts were longer than max_prompt_len=%d and were "
+                      "left-truncated", enc.num_truncated, len(train_prompts), cfg.max_prompt_len)
+    self.prompts = PromptIterator(enc.ids, enc.mask, cfg.batch_size, cfg.seed,
+                                  jax.process_index(), jax.process_count())
+    ev = encode_prompts(tokenizer, eval_prompts[:cfg.num_eval_prompts], cfg.max_prompt_len)
+    self.eval_ids, self.eval_mask = ev.ids, ev.mask
+
+    ref_policy = ref_policy if ref_policy is not None else policy
+    self.ref_graphdef, ref_params = nnx.split(ref_policy)
+    tx = make_optimizer(cfg.optim)
+    state = ppo_lib.init_train_state(cfg.ppo, policy, tx, jax.random.key(cfg.seed), value_model)
+    # Copies: the state's buffers are donated to every update, the frozen models' never are.
+    self.ref_params = jax.device_put(jax.tree.map(jnp.copy, ref_params),
+                                     sharding_lib.param_shardings(ref_params, self.mesh))
+    self.reward_fn = reward_fn
+    self.reward_params = reward_params if reward_params is None else jax.device_put(
+        reward_params, sharding_lib.param_shardings(reward_params, self.mesh)
+        if isinstance(reward_params, nnx.State) else sharding_lib.replicated(self.mesh))
+    self.state_shardings = ppo_lib.train_state_shardings(state, self.mesh)
+    self.state = jax.device_put(state, self.state_shardings)
+    self.reward_norm = RewardNorm.identity()
+    self._collect = jax.jit(self._collect_impl)
+    self._update = jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
+                           out_shardings=(self.state_shardings, None))
+    self._eval_rollouts = jax.jit(self._eval_impl)
+    self.history: list[dict[str, Any]] = []
+    self.eval_history: list[dict[str, Any]] = []
+
+  # --- jitted programs -------------------------------------------------------------------------
+
+  def _collect_impl(self, state, ref_params, reward_params, reward_norm, ids, mask, key):
+    ro = rollout(state.policy_graphdef, state.params["policy"], ids, mask, key, self.sampling)
+    values = ppo_lib.critic_values(self.cfg.ppo, state, ro)
+    return score(self.score_cfg, ro, ref_graphdef=self.ref_graphdef, ref_params=ref_params,
+                 reward_fn=self.reward_fn, reward_params=reward_params,
+                 kl_coef=state.kl.coef, reward_norm=reward_norm, values=values)
+
+  def _eval_impl(self, policy_params, ref_params, reward_params, ids, mask, key):
+    ro = rollout(self.state.policy_graphdef, policy_params, ids, mask, key, self.sampling)
+    ref_ro = rollout(self.ref_graphdef, ref_params, ids, mask, key, self.sampling)
+    scored, metrics = score(self.score_cfg, ro, ref_graphdef=self.ref_graphdef,
+                            ref_params=ref_params, reward_fn=self.reward_fn,
+                            reward_params=reward_params, kl_coef=jnp.zeros(()))
+    ref_raw = self.reward_fn(reward_params, ref_ro)
+    return ro, ref_ro, scored.raw_scores, ref_raw, metrics
+
+  # --- host side -------------------------------------------------------------------------------
+
+  def _global_batch(self, local: np.ndarray) -> jax.Array:
+    sh = sharding_lib.batch_sharding(self.mesh, local.ndim)
+    return jax.make_array_from_process_local_data(sh, local)
+
+  def _next_batch(self):
+    ids, mask, epoch = next(self.prompts)
+    g = self.cfg.group_size
+    if g > 1:   # each prompt's completions sit in consecutive rows: the estimators' group layout
+      ids, mask = np.repeat(ids, g, axis=0), np.repeat(mask, g, axis=0)
+    return self._global_batch(ids), self._global_batch(mask), epoch
+
+  def calibrate_reward(self) -> RewardNorm:
+    """Sets gain/bias so the current policy's scores on one batch have mean 0 and std 1."""
+    ids, mask, _ = self._next_batch()
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), -1 & 0x7FFFFFFF)
+    scored, _ = self._collect(self.state, self.ref_params, self.reward_params,
+                              RewardNorm.identity(), ids, mask, key)
+    self.reward_norm = RewardNorm.calibrate(scored.raw_scores)
+    logging.info("reward normalisation: gain %.4f bias %.4f", float(self.reward_norm.gain),
+                 float(self.reward_norm.bias))
+    return self.reward_norm
+
+  def evaluate(self, step: int) -> dict[str, Any]:
+    """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score."""
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
+    ro, ref_ro, raw, ref_raw, m = jax.device_get(self._eval_rollouts(
+        self.state.params["policy"], self.ref_params, self.reward_params,
+        self.eval_ids, self.eval_mask, key))
+    rows = _valid_rows(ro.completion_ids, ro.completion_mask)
+    out = {
+        "eval_reward": float(raw.mean()),
+        "eval_ref_reward": float(ref_raw.mean()),
+        "eval_win_rate": float(((raw > ref_raw) + 0.5 * (raw == ref_raw)).mean()),
+        "eval_kl": float(m["kl"]),
+        "eval_response_length": float(m["response_length"]),
+        "eval_eos_rate": float(m["eos_rate"]),
+        "eval_distinct_1": distinct_n(rows, 1),
+        "eval_distinct_2": distinct_n(rows, 2),
+    }
+    texts = self.tokenizer.batch_decode(
+        [[t for t in r if t != self.tokenizer.eos_token_id] for r in rows])
+    prompts = self.tokenizer.batch_decode(_valid_rows(ro.prompt_ids, ro.prompt_mask))
+    if self.gold_fn is not None:
+      ref_texts = self.tokenizer.batch_decode(
+          [[t for t in r if t != self.tokenizer.eos_token_id]
+           for r in _valid_rows(ref_ro.completion_ids, ref_ro.completion_mask)])
+      gold = np.array([self.gold_fn(t) for t in texts])
+      out["gold_score"] = float(gold.mean())
+      out["ref_gold_score"] = float(np.mean([self.gold_fn(t) for t in ref_texts]))
+    table = ["| prompt | completion | reward |", "| --- | --- | --- |"] + [
+        f"| {p} | {c} | {r:.3f} |" for p, c, r in
+        list(zip(prompts, texts, raw))[:self.cfg.num_samples_logged]]
+    out["samples"] = [{"prompt": p, "completion": c, "reward": float(r)}
+                      for p, c, r in list(zip(prompts, texts, raw))[:self.cfg.num_samples_logged]]
+    self._check_reward_hacking(out)
+    if self.writer is not None:
+      self.writer.write_text(step, "eval_samples", "\n".join(table))
+    return out
+
+  def _check_reward_hacking(self, ev: dict[str, Any], window: int = 3) -> None:
+    """Warns when the reward model's score keeps rising while the gold score keeps falling."""
+    self.eval_history.append(ev)
+    hist = self.eval_history[-window:]
+    if self.gold_fn is None or len(hist) < window:
+      ev["reward_hacking"] = 0
+      return
+    rising = all(b["eval_reward"] > a["eval_reward"] for a, b in zip(hist, hist[1:]))
+    falling = all(b["gold_score"] < a["gold_score"] for a, b in zip(hist, hist[1:]))
+    ev["reward_hacking"] = int(rising and falling)
+    if rising and falling:
+      logging.warning("possible reward hacking: reward-model score rose %.3f -> %.3f while the "
+                      "gold score fell %.3f -> %.3f over the last %d evaluations",
+                      hist[0]["eval_reward"], hist[-1]["eval_reward"], hist[0]["gold_score"],
+                      hist[-1]["gold_score"], window)
+
+  def train(self) -> dict[str, Any]:
+    """Runs until max_steps or the reward threshold; returns the last evaluation."""
+    cfg = self.cfg
+    if cfg.normalize_reward:
+      self.calibrate_reward()
+    progress = Progress(cfg.max_steps, "ppo", cfg.log_every_s)
+    last_eval: dict[str, Any] = {}
+    eval_step = -1
+    step = int(self.state.step)
+    tokens_per_iter = cfg.batch_size * cfg.group_size * (cfg.max_prompt_len + cfg.max_new_tokens)
+    while step < cfg.max_steps:
+      t0 = time.time()
+      ids, mask, epoch = self._next_batch()
+      key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+      scored, score_metrics = self._collect(self.state, self.ref_params, self.reward_params,
+                                            self.reward_norm, ids, mask, key)
+      self.state, update_metrics = self._update(cfg.ppo, self.state, scored)
+      metrics = jax.device_get({**score_metrics, **update_metrics})
+      step += 1
+      dt = time.time() - t0
+      metrics.update(epoch=epoch, iteration_s=dt, tokens_per_s=tokens_per_iter / dt)
+      if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        last_eval, eval_step = self.evaluate(step), step
+        metrics.update({k: v for k, v in last_eval.items() if k != "samples"})
+      record = (self.writer.write(step, metrics) if self.writer is not None
+                else {"step": step, **metrics})
+      self.history.append(record)
+      if not np.isfinite(record["reward_mean"]):
+        raise FloatingPointError(f"non-finite reward at step {step}")
+      progress.update(step, f"reward {record['raw_score_mean']:.3f} kl {record['kl']:.3f}",
+                      force=step == 1)
+      if (cfg.reward_threshold is not None and last_eval
+          and last_eval["eval_reward"] >= cfg.reward_threshold):
+        logging.info("eval reward %.4f reached the threshold %.4f at step %d",
+                     last_eval["eval_reward"], cfg.reward_threshold, step)
+        break
+    if eval_step != step:
+      last_eval = self.evaluate(step)
+    return last_eval
+
+  @property
+  def policy(self):
+    """The current policy as a CausalLM."""
+    return nnx.merge(self.state.policy_graphdef, jax.device_get(self.state.params["policy"]))
