@@ -22,7 +22,8 @@ class SamplingConfig:
 
   Attributes:
     max_new_tokens: Completion buffer length N.
-    eos_token_id: Ends a completion (kept in it, and masked in).
+    eos_token_id: Ends a completion (kept in it, and masked in). None: no stop token, every
+      completion has exactly max_new_tokens tokens (fixed work, as benchmarks want).
     pad_token_id: Fills the buffer after EOS; must differ from EOS, else padding reads as EOS.
     temperature: Logits are divided by it before sampling; the returned log-probs use the same
       tempered distribution, which `score` and `ppo_update` must also use (N implementation
@@ -32,7 +33,7 @@ class SamplingConfig:
     greedy: Take the argmax instead of sampling.
   """
   max_new_tokens: int
-  eos_token_id: int
+  eos_token_id: int | None
   pad_token_id: int
   temperature: float = 1.0
   top_k: int = 0
@@ -138,7 +139,8 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
     logprobs = jax.lax.dynamic_update_slice_in_dim(
         logprobs, jnp.where(live, lp, 0.0)[:, None], t, axis=1)
     valid = jax.lax.dynamic_update_slice_in_dim(valid, live[:, None], t, axis=1)
-    done = jnp.logical_or(done, tok == cfg.eos_token_id)
+    if cfg.eos_token_id is not None:
+      done = jnp.logical_or(done, tok == cfg.eos_token_id)
     # Rows already done feed padding that no later token may attend to.
     step_logits, cache = nnx.merge(graphdef, params)(
         tok[:, None], attention_mask=live[:, None], cache=cache)
