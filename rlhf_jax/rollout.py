@@ -45,6 +45,8 @@ class SamplingConfig:
       raise ValueError(f"pad_token_id must differ from eos_token_id (both {self.pad_token_id})")
     if self.temperature <= 0:
       raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

@@ -157,7 +157,7 @@ def score(cfg: ScoreConfig, rollout: Rollout, *, ref_graphdef: nnx.GraphDef,
   mask = rollout.completion_mask
   chex.assert_rank([mask, rollout.logprobs], 2)
   ref_logprobs = completion_logprobs(ref_graphdef, ref_params, rollout, cfg.temperature)
-  kl = kl_lib.kl_penalty(cfg.kl.estimator, rollout.logprobs, ref_logprobs) * mask
+  kl = jnp.where(mask > 0, kl_lib.kl_penalty(cfg.kl.estimator, rollout.logprobs, ref_logprobs), 0.0)
   raw = reward_fn(reward_params, rollout).astype(jnp.float32)
   chex.assert_shape(raw, (mask.shape[0],))
   norm = reward_norm if reward_norm is not None else RewardNorm.identity()
