@@ -292,3 +292,72 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
   # keeps the -inf out of the gradient.
   safe_logp = jnp.where(jnp.isfinite(logp), logp, 0.0)
   return -jnp.sum(jnp.exp(safe_logp) * safe_logp, axis=-1)
+
+
+def sft_loss(logits: jax.Array, ids: jax.Array,
+             completion_mask: jax.Array) -> tuple[jax.Array, Aux]:
+  """Next-token cross entropy on completion tokens only (supervised fine-tuning).
+
+  Position t predicts ids[t + 1] and counts iff completion_mask[t + 1] = 1 (Radford et al. 2018;
+  prompt tokens are context, not targets, as in Ouyang et al. 2022's SFT):
+
+    loss = -sum_t m_{t+1} log softmax(logits_t)[ids_{t+1}] / sum_t m_{t+1}.
+
+  Args:
+    logits: [B, T, V] logits of the model run on `ids` (unshifted).
+    ids: [B, T] integer token ids.
+    completion_mask: [B, T], 1 on completion tokens (EOS included).
+
+  Returns:
+    (loss scalar float32, aux with "token_accuracy" (argmax == target over counted tokens) and
+    "num_tokens" (the float32 count of counted targets, to weight means across batches)).
+  """
+  chex.assert_rank([logits, ids, completion_mask], [3, 2, 2])
+  chex.assert_equal_shape([ids, completion_mask])
+  chex.assert_equal_shape_prefix([logits, ids], 2)
+  chex.assert_type(ids, int)
+  logits, targets, valid = logits[:, :-1], ids[:, 1:], completion_mask[:, 1:].astype(bool)
+  nll = -token_logprobs(logits, targets)
+  correct = jnp.argmax(logits, axis=-1) == targets
+  return masked_mean(nll, valid), {
+      "token_accuracy": masked_mean(correct, valid),
+      "num_tokens": jnp.sum(valid, dtype=jnp.float32),
+  }
+
+
+def bradley_terry_loss(r_chosen: jax.Array, r_rejected: jax.Array,
+                       margin: jax.Array | None = None,
+                       center_coef: float = 0.0) -> tuple[jax.Array, Aux]:
+  """Pairwise reward-model loss of the Bradley-Terry preference model.
+
+  Bradley & Terry 1952; as used for RLHF reward models by Ouyang et al. 2022 (eq. 1), with the
+  optional per-pair margin m of Touvron et al. 2023 (Llama 2) and the reward-centering penalty of
+  Eisenstein et al. 2023 ("Helping or Herding?"):
+
+    loss = mean_i -log sigmoid(r_c,i - r_r,i - m_i) + center_coef * mean_i (r_c,i + r_r,i)^2.
+
+  Computed with `jax.nn.log_sigmoid`, finite for any reward gap.
+
+  Args:
+    r_chosen: [N] rewards of the preferred completions.
+    r_rejected: [N] rewards of the other completions of the same pairs.
+    margin: optional [N] required gaps m_i (None: 0).
+    center_coef: weight of the centering penalty (0: off).
+
+  Returns:
+    (loss scalar float32, aux with "accuracy" (fraction with r_c > r_r) and "margin_mean"
+    (mean r_c - r_r)).
+  """
+  chex.assert_rank([r_chosen, r_rejected], 1)
+  chex.assert_equal_shape([r_chosen, r_rejected])
+  r_chosen, r_rejected = r_chosen.astype(jnp.float32), r_rejected.astype(jnp.float32)
+  if margin is not None:
+    chex.assert_equal_shape([margin, r_chosen])
+  gap = r_chosen - r_rejected
+  shifted = gap if margin is None else gap - margin.astype(jnp.float32)
+  loss = -jnp.mean(jax.nn.log_sigmoid(shifted))
+  loss = loss + center_coef * jnp.mean(jnp.square(r_chosen + r_rejected))
+  return loss, {
+      "accuracy": jnp.mean(gap > 0),
+      "margin_mean": jnp.mean(gap),
+  }

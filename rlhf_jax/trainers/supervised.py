@@ -1,0 +1,268 @@
+"""Supervised trainers and the training loop they share.
+
+`rlhf_jax.trainers.sft.train_sft` (supervised fine-tuning) and
+`rlhf_jax.trainers.reward.train_reward_model` (Bradley-Terry reward model) each supply a pure loss
+on a batch of fixed-shape [B, L] arrays; `fit` runs it: one jitted step
+`(params, opt_state, batch) -> (params, opt_state, metrics)` over `nnx.split` params with params and
+optimizer state donated, deterministic per-epoch shuffles, optional mesh placement (params by their
+logical axes, batch rows over the batch axes), held-out evaluation and a `log_fn(step, metrics)`
+callback. The Python loop only feeds batches; metrics are fetched once per logging window.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from rlhf_jax import optim as optim_lib
+from rlhf_jax import sharding as sharding_lib
+
+Batch = dict[str, np.ndarray]
+Metrics = dict[str, float]
+LogFn = Callable[[int, Metrics], None]
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+EvalFn = Callable[[nnx.State], Metrics]
+
+# Independent random streams of the config seed.
+_SPLIT_STREAM, _SHUFFLE_STREAM = range(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+  """Fields shared by the supervised trainers.
+
+  Attributes:
+    batch_size: Rows (examples or preference pairs) per optimizer step; a multiple of the mesh's
+      batch-axes size. Also the evaluation batch size.
+    epochs: Passes over the training split; each drops its last incomplete batch (fixed shapes,
+      one compilation).
+    max_len: Token width of every row: prompt + completion + EOS, right padded. Prompts are
+      left-truncated to fit; a completion that does not fit raises (see `drop_overlong`).
+    optim: Optimizer. Its `total_steps` is replaced by the run's step count, so a decaying
+      schedule spans exactly the run.
+    seed: Seed of the train/eval split and of the per-epoch shuffles.
+    eval_fraction: Share of the examples held out for evaluation when no evaluation set is
+      passed (0: no evaluation).
+    eval_every: Evaluate every this many steps; 0: only after the last step.
+    log_every: Fetch metrics and call `log_fn` every this many steps (and after the last).
+    drop_overlong: Drop examples whose completion exceeds max_len instead of raising DataError.
+  """
+  batch_size: int = 32
+  epochs: int = 1
+  max_len: int = 512
+  optim: optim_lib.OptimConfig = optim_lib.OptimConfig()
+  seed: int = 0
+  eval_fraction: float = 0.05
+  eval_every: int = 0
+  log_every: int = 10
+  drop_overlong: bool = False
+
+  def __post_init__(self):
+    for name in ("batch_size", "epochs", "max_len", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_every < 0:
+      raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+    if not 0.0 <= self.eval_fraction < 1.0:
+      raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Deterministic (train rows, eval rows): round(n * eval_fraction) random rows held out (at
+  least one when eval_fraction > 0), both sorted."""
+  n_eval = int(round(n * eval_fraction))
+  if eval_fraction > 0:
+    n_eval = max(n_eval, 1)
+  if n_eval >= n:
+    raise ValueError(f"eval_fraction={eval_fraction} leaves no training rows out of {n}")
+  perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+  return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
+  """Row indices [n // batch_size, batch_size] of one epoch: a permutation of range(n) drawn from
+  (seed, epoch), the last incomplete batch dropped."""
+  perm = np.random.default_rng([seed, _SHUFFLE_STREAM, epoch]).permutation(n)
+  steps = n // batch_size
+  return perm[:steps * batch_size].reshape(steps, batch_size)
+
+
+def take_rows(arrays: Batch, rows: np.ndarray) -> Batch:
+  return {k: v[rows] for k, v in arrays.items()}
+
+
+def num_rows(arrays: Batch) -> int:
+  return next(iter(arrays.values())).shape[0]
+
+
+def check_vocab(arrays: Batch, vocab_size: int) -> None:
+  """Raises ValueError if a token id in any "*ids" array is outside the model's vocabulary (an
+  embedding lookup would silently clamp it)."""
+  for key, value in arrays.items():
+    if key.endswith("ids") and value.size and int(value.max()) >= vocab_size:
+      raise ValueError(f"{key} holds token id {int(value.max())} but the model's vocab_size is "
+                       f"{vocab_size}: tokenizer and model do not match (resize the embeddings)")
+
+
+def train_eval_arrays(encode: Callable[[Sequence[Any]], Batch], items: Sequence[Any],
+                      eval_items: Sequence[Any] | None, cfg: TrainerConfig,
+                      vocab_size: int) -> tuple[Batch, Batch]:
+  """(train, held-out) arrays: `encode(items)` split by `split_indices`, or all of it for training
+  and `encode(eval_items)` held out when those are given. Both are checked against the vocab."""
+  arrays = encode(items)
+  if eval_items is None:
+    train_rows, eval_rows = split_indices(num_rows(arrays), cfg.eval_fraction, cfg.seed)
+    train, held_out = take_rows(arrays, train_rows), take_rows(arrays, eval_rows)
+  else:
+    train, held_out = arrays, encode(eval_items)
+  check_vocab(train, vocab_size)
+  check_vocab(held_out, vocab_size)
+  return train, held_out
+
+
+def _batch_divisor(mesh: Mesh | None) -> int:
+  if mesh is None:
+    return 1
+  return int(np.prod([mesh.shape.get(a, 1) for a in dict(sharding_lib.DEFAULT_RULES)["batch"]]))
+
+
+def put_batch(batch: Batch, mesh: Mesh | None) -> dict[str, jax.Array]:
+  """Host arrays to device: rows split over the mesh's batch axes, or onto the default device."""
+  if mesh is None:
+    return jax.device_put(batch)
+  return {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+
+
+def eval_batches(arrays: Batch, batch_size: int) -> Iterator[Batch]:
+  """Consecutive batches of `batch_size` rows in order; the last is padded with all-zero rows
+  (zero masks, so they count nowhere; callers drop their rows by position)."""
+  n = num_rows(arrays)
+  for start in range(0, n, batch_size):
+    batch = take_rows(arrays, np.arange(start, min(start + batch_size, n)))
+    pad = batch_size - num_rows(batch)
+    if pad:
+      batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    yield batch
+
+
+def map_batches(fn: Callable[[nnx.State, dict[str, jax.Array]], Any], params: nnx.State,
+                arrays: Batch, batch_size: int, mesh: Mesh | None) -> list[Any]:
+  """Host copies of `fn(params, batch)` for the `eval_batches` of `arrays`, in order."""
+  outputs = [fn(params, put_batch(b, mesh)) for b in eval_batches(arrays, batch_size)]
+  return jax.device_get(outputs)
+
+
+def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+  """The pure step `(params, opt_state, batch) -> (params, opt_state, metrics)`.
+
+  One gradient of `loss_fn(nnx.merge(graphdef, params), batch) -> (loss, aux)` and one optimizer
+  update; metrics are aux plus "loss" and the pre-clipping "grad_norm".
+  """
+  def step(params, opt_state, batch):
+    def objective(p):
+      return loss_fn(nnx.merge(graphdef, p), batch)
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
+  return step
+
+
+def _init_state(tx: optax.GradientTransformation, params: nnx.State, mesh: Mesh | None):
+  """(private copy of params, optimizer state, their shardings or None), placed on `mesh`.
+
+  The copy keeps the caller's model usable although the step donates its params.
+  """
+  if mesh is None:
+    params = jax.tree.map(jnp.copy, params)
+    return params, jax.jit(tx.init)(params), None
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  rep = sharding_lib.replicated(mesh)
+  param_sh = sharding_lib.param_shardings(params, mesh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
+                                 transform_non_params=lambda _: rep, is_leaf=is_var)
+  params = jax.device_put(params, param_sh, may_alias=False)
+  return params, jax.jit(tx.init, out_shardings=opt_sh)(params), (param_sh, opt_sh, rep)
+
+
+def _tokens(batch: Batch) -> int:
+  return sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+
+
+def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: LossFn,
+        train: Batch, evaluate: EvalFn | None = None, mesh: Mesh | None = None,
+        log_fn: LogFn | None = None) -> tuple[nnx.State, list[Metrics]]:
+  """Minimises `loss_fn` over `cfg.epochs` shuffled passes of `train`.
+
+  Args:
+    cfg: Loop settings.
+    graphdef, params: `nnx.split` of the model; params are copied, never donated.
+    loss_fn: `loss_fn(model, batch) -> (scalar loss, aux metrics)`, pure.
+    train: Host arrays [N, ...] sharing their first axis; every "*attention_mask" array counts
+      towards tokens_per_s.
+    evaluate: `evaluate(params) -> metrics`, run every `cfg.eval_every` steps and after the last;
+      its metrics join that step's history entry with an "eval_" prefix.
+    mesh: Optional mesh; None runs on the default device.
+    log_fn: Called as `log_fn(step, entry)` at logging and evaluation steps.
+
+  Returns:
+    (final params, history): one entry per step with "step", "epoch", "learning_rate", the step
+    metrics, and "tokens_per_s" (real tokens over wall time of its logging window, compilation
+    and evaluation excluded; async dispatch makes single-step timings meaningless).
+  """
+  n = num_rows(train)
+  steps_per_epoch = n // cfg.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{n} training rows are fewer than batch_size={cfg.batch_size}")
+  if cfg.batch_size % _batch_divisor(mesh):
+    raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of the mesh's batch axes "
+                     f"size {_batch_divisor(mesh)} (mesh {dict(mesh.shape)})")
+  total = steps_per_epoch * cfg.epochs
+  optim_cfg = dataclasses.replace(cfg.optim, total_steps=total)
+  tx = optim_lib.make_optimizer(optim_cfg)
+  schedule = optim_lib.learning_rate_schedule(optim_cfg)
+  learning_rates = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
+  params, opt_state, shardings = _init_state(tx, params, mesh)
+  jit_kw = {} if shardings is None else {"out_shardings": shardings}
+  step_fn = jax.jit(make_train_step(loss_fn, graphdef, tx), donate_argnums=(0, 1), **jit_kw)
+
+  start = time.perf_counter()
+  first = put_batch(take_rows(train, epoch_batches(n, cfg.batch_size, cfg.seed, 0)[0]), mesh)
+  step_fn = step_fn.lower(params, opt_state, first).compile()
+  logging.info("fit: compiled the train step in %.1f s (%d steps)", time.perf_counter() - start,
+               total)
+
+  history: list[Metrics] = []
+  pending: list[tuple[int, int, dict[str, jax.Array]]] = []
+  window_tokens, window_start, step = 0, time.perf_counter(), 0
+  for epoch in range(cfg.epochs):
+    for rows in epoch_batches(n, cfg.batch_size, cfg.seed, epoch):
+      batch = take_rows(train, rows)
+      params, opt_state, metrics = step_fn(params, opt_state, put_batch(batch, mesh))
+      step += 1
+      pending.append((step, epoch, metrics))
+      window_tokens += _tokens(batch)
+      eval_now = evaluate is not None and (
+          step == total or (cfg.eval_every and step % cfg.eval_every == 0))
+      if not (eval_now or step == total or step % cfg.log_every == 0):
+        continue
+      fetched = jax.device_get([m for _, _, m in pending])   # waits for the window's steps
+      rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+      for (s, e, _), m in zip(pending, fetched):
+        history.append({"step": s, "epoch": e, "learning_rate": float(learning_rates[s - 1]),
+                        **{k: float(v) for k, v in m.items()}, "tokens_per_s": rate})
+      if eval_now:
+        history[-1].update({f"eval_{k}": v for k, v in evaluate(params).items()})
+      if log_fn is not None:
+        log_fn(step, dict(history[-1]))
+      pending, window_tokens, window_start = [], 0, time.perf_counter()
+  return params, history
