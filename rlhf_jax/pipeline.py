@@ -111,18 +111,13 @@ def run_sft(config, paths: Paths):
   sft_cfg = SFTConfig(batch_size=s.batch_size, epochs=s.epochs, max_len=s.max_len,
                       eval_fraction=s.eval_fraction, seed=config.seed,
                       optim=OptimConfig(learning_rate=s.learning_rate, schedule="cosine",
-                                        warmup_steps=s.warmup_steps,
-                                        total_steps=_steps(len(examples), s)))
+                                        warmup_steps=s.warmup_steps))
   writer = MetricsWriter(paths.sft, "metrics")
   policy, _ = train_sft(policy, tokenizer, examples, sft_cfg, mesh=make_mesh(config),
                         log_fn=writer.write)
   writer.close()
   _save(policy, tokenizer, paths.sft)
   return paths.sft
-
-
-def _steps(n: int, s) -> int:
-  return max(int(n * (1 - s.eval_fraction)) // s.batch_size, 1) * s.epochs
 
 
 def run_reward(config, paths: Paths, policy_path: str) -> str:
@@ -134,15 +129,14 @@ def run_reward(config, paths: Paths, policy_path: str) -> str:
   pairs = data_lib.load_preferences(config.preferences)
   r = config.reward
   rm_cfg = RewardConfig(batch_size=r.batch_size, epochs=r.epochs, max_len=r.max_len,
-                        eval_fraction=r.eval_fraction, seed=config.seed, margin=r.margin,
+                        eval_fraction=r.eval_fraction, seed=config.seed,
                         center_coef=r.center_coef,
                         optim=OptimConfig(learning_rate=r.learning_rate, schedule="cosine",
-                                          warmup_steps=r.warmup_steps,
-                                          total_steps=_steps(len(pairs), r)))
+                                          warmup_steps=r.warmup_steps))
   writer = MetricsWriter(paths.reward, "metrics")
-  model, _, eval_metrics = train_reward_model(model, tokenizer, pairs, rm_cfg,
-                                              mesh=make_mesh(config), log_fn=writer.write)
-  writer.write(rm_cfg.steps if hasattr(rm_cfg, "steps") else 0,
+  model, history, eval_metrics = train_reward_model(model, tokenizer, pairs, rm_cfg,
+                                                    mesh=make_mesh(config), log_fn=writer.write)
+  writer.write(history[-1]["step"] if history else 0,
                {f"final_eval_{k}": v for k, v in eval_metrics.items()})
   writer.close()
   logging.info("reward model held-out accuracy: %.4f", eval_metrics["accuracy"])

@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       warmup_steps=20, eval_fraction=0.05))
   c.reward = config_dict.ConfigDict(dict(
       num_pairs=6000, batch_size=64, epochs=2, max_len=32, learning_rate=1e-3,
-      warmup_steps=20, eval_fraction=0.1, margin=0.0, center_coef=0.0,
+      warmup_steps=20, eval_fraction=0.1, center_coef=0.0,
       label_temperature=0.1))
   c.ppo = config_dict.ConfigDict(dict(
       num_prompts=4096, batch_size=64, group_size=1, max_prompt_len=12, max_new_tokens=12,

@@ -153,11 +153,12 @@ def _gpt2_rules(cfg: DecoderConfig) -> list[_Rule]:
   return rules
 
 
-def _rules(cfg: DecoderConfig, scalar: bool) -> list[_Rule]:
+def _rules(cfg: DecoderConfig, head: str | None) -> list[_Rule]:
+  """Rules of the trunk plus `head`: "lm", "score" or None (a trunk whose head stays fresh)."""
   rules = _gpt2_rules(cfg) if cfg.model_type == "gpt2" else _llama_rules(cfg)
-  if scalar:
+  if head == "score":
     rules.append(_Rule("score.weight", ("head",), _t, _t))
-  elif not cfg.tie_word_embeddings:
+  elif head == "lm" and not cfg.tie_word_embeddings:
     rules.append(_Rule("lm_head.weight", ("lm_head",), _t, _t))
   return rules
 
@@ -275,12 +276,21 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
   if kind not in ("causal_lm", "scalar"):
     raise ValueError(f"kind must be 'causal_lm' or 'scalar', got {kind!r}")
   scalar = kind == "scalar"
-  tensors = _load_tensors(_safetensors_files(path))
+  if scalar:
+    head = "score" if _is_scalar_arch(hf) else None
+    if head is None:   # a fresh head on an LM trunk: one value/reward output
+      cfg = cfg.replace(num_labels=1)
+  elif _is_scalar_arch(hf):
+    raise CheckpointError(f"{path}: a *ForSequenceClassification checkpoint has no LM head; "
+                          "load it with kind='scalar'")
+  else:
+    head = "lm"
   cls = ScalarModel if scalar else CausalLM
   abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
-  expected = _expand(_rules(cfg, scalar and _is_scalar_arch(hf)), cfg)
+  tensors = _load_tensors(_safetensors_files(path))
+  expected = _expand(_rules(cfg, head), cfg)
   used = set()
   values: dict[tuple, list] = {}
   for hf_key, our_path, rule in expected:
@@ -300,10 +310,9 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
           f"{path}: tensor {hf_key!r} has shape {tuple(x.shape)}, which does not fit "
           f"{'.'.join(map(str, our_path))} of shape {tuple(target.shape)} for this config.json")
     values[our_path] = y
+  # An LM head is unused (not unexpected) when tied or when the trunk feeds a fresh scalar head.
   extra = [k for k in tensors if k not in used and not _IGNORED.search(k)
-           and not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
-  if scalar and not _is_scalar_arch(hf):
-    extra = [k for k in extra if k != "lm_head.weight"]
+           and not (k == "lm_head.weight" and (cfg.tie_word_embeddings or head is None))]
   if extra:
     raise CheckpointError(f"{path}: unexpected tensors for {cfg.model_type}: {sorted(extra)[:8]}")
   sh_pure = nnx.to_pure_dict(shardings(abstract)) if shardings is not None else None
@@ -333,7 +342,7 @@ def save_pretrained(model, path: str, *, architecture: str | None = None) -> Non
         "GPT2LMHeadModel" if cfg.model_type == "gpt2" else f"{family}ForCausalLM")
   pure = nnx.to_pure_dict(nnx.state(model))
   tensors = {}
-  for hf_key, our_path, rule in _expand(_rules(cfg, scalar), cfg):
+  for hf_key, our_path, rule in _expand(_rules(cfg, "score" if scalar else "lm"), cfg):
     x = np.asarray(jax.device_get(_get(pure, our_path)), np.float32)
     y = rule.to_hf(x, cfg)
     if hf_key in tensors:   # GPT-2 c_attn: q, k, v parts arrive in order and are concatenated.
