@@ -7,6 +7,8 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
+from rlhf_jax import faults
+
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
 
@@ -17,10 +19,14 @@ def setup() -> None:
 
 def guard(main):
   """Bad input (ValueError, FileNotFoundError, ...) ends the run with one line naming the
-  problem and exit status 2, instead of a traceback."""
+  problem and exit status 2, instead of a traceback. Preemption (SIGTERM / SIGINT, after the
+  final checkpoint) exits with 128 + the signal number (143 / 130): rerun to resume."""
   def wrapped(argv):
     try:
       return main(argv)
+    except faults.Preempted as e:
+      print(e, file=sys.stderr)
+      sys.exit(e.exit_code)
     except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
       if os.environ.get("RLHF_JAX_TRACEBACK"):
         raise

@@ -31,10 +31,12 @@ class MetricsWriter:
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, f"{name}.jsonl")
     self._tb = None
+    self.num_records = 0
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     self._file = open(self.path, "a")
+    self.num_records = _count_lines(self.path)
     if tensorboard:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb", name))
@@ -45,12 +47,28 @@ class MetricsWriter:
       return record
     self._file.write(json.dumps(record, sort_keys=True) + "\n")
     self._file.flush()
+    self.num_records += 1
     if self._tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
     return record
+
+  def truncate(self, num_records: int) -> None:
+    """Keeps the first `num_records` records: a resumed run drops what was logged after its
+    checkpoint (including a line cut short by a kill), so no step appears twice."""
+    if not self.enabled or num_records >= self.num_records:
+      return
+    self._file.close()
+    with open(self.path) as f:
+      kept = [line for line, _ in zip(f, range(num_records))]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
+    self._file = open(self.path, "a")
+    self.num_records = num_records
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     if self.enabled and self._tb is not None:
@@ -61,6 +79,11 @@ class MetricsWriter:
       self._file.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def _count_lines(path: str) -> int:
+  with open(path, "rb") as f:
+    return sum(1 for _ in f)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

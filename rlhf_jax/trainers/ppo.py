@@ -16,6 +16,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from rlhf_jax import checkpointing
+from rlhf_jax import faults
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import PromptIterator, encode_prompts
@@ -45,6 +47,11 @@ class PPOTrainerConfig:
     whiten_scores: Whiten scores over each batch.
     seed: Seeds sampling, shuffling and minibatching.
     log_every_s: Progress line period.
+    checkpoint_every: Iterations between checkpoints (with a checkpoint directory; 0: only the
+      final one and on preemption).
+    keep_checkpoints: Newest checkpoints kept.
+    max_nonfinite_iterations: Stop after this many consecutive iterations with a non-finite
+      reward or skipped non-finite minibatch steps.
     ppo: The PPO phase (losses, estimator, KL, critic, epochs, minibatches).
     optim: Optimizer of policy and critic; total_steps counts minibatch steps.
   """
@@ -65,6 +72,9 @@ class PPOTrainerConfig:
   whiten_scores: bool = False
   seed: int = 0
   log_every_s: float = 10.0
+  checkpoint_every: int = 10
+  keep_checkpoints: int = 3
+  max_nonfinite_iterations: int = 3
   ppo: ppo_lib.PPOConfig = ppo_lib.PPOConfig()
   optim: OptimConfig = OptimConfig()
 
@@ -100,12 +110,15 @@ class PPOTrainer:
     gold_fn: Optional text -> score of a judge the policy never sees (logged as gold_score).
     mesh: Device mesh (default: all devices on "data").
     writer: MetricsWriter for per-iteration and eval records.
+    checkpoint_dir: Where checkpoints go; when it holds one, training resumes from the newest
+      (state, prompt position, reward normalisation) and the writer drops records logged after it.
   """
 
   def __init__(self, cfg: PPOTrainerConfig, policy, tokenizer, train_prompts: list[str],
                eval_prompts: list[str], *, reward_fn: RewardFn, reward_params: Any,
                value_model=None, ref_policy=None, gold_fn: Callable[[str], float] | None = None,
-               mesh=None, writer: MetricsWriter | None = None):
+               mesh=None, writer: MetricsWriter | None = None,
+               checkpoint_dir: str | None = None):
     self.cfg = cfg
     self.tokenizer = tokenizer
     self.gold_fn = gold_fn
@@ -143,13 +156,21 @@ class PPOTrainer:
         if isinstance(reward_params, nnx.State) else sharding_lib.replicated(self.mesh))
     self.state_shardings = ppo_lib.train_state_shardings(state, self.mesh)
     self.state = jax.device_put(state, self.state_shardings)
-    self.reward_norm = RewardNorm.identity()
+    # Replicated like the calibrated and the restored norms, so collect compiles once per run.
+    self.reward_norm = self._replicated(RewardNorm.identity())
     self._collect = jax.jit(self._collect_impl)
     self._update = jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                            out_shardings=(self.state_shardings, None))
     self._eval_rollouts = jax.jit(self._eval_impl)
     self.history: list[dict[str, Any]] = []
     self.eval_history: list[dict[str, Any]] = []
+    self.checkpointer = None
+    self._resumed: dict[str, Any] = {}
+    if checkpoint_dir is not None:
+      self.checkpointer = checkpointing.Checkpointer(
+          checkpoint_dir, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+          fingerprint=checkpointing.config_fingerprint(cfg))
+      self._resume()
 
   # --- jitted programs -------------------------------------------------------------------------
 
@@ -175,6 +196,9 @@ class PPOTrainer:
     sh = sharding_lib.batch_sharding(self.mesh, local.ndim)
     return jax.make_array_from_process_local_data(sh, local)
 
+  def _replicated(self, tree):
+    return jax.device_put(tree, sharding_lib.replicated(self.mesh))
+
   def _next_batch(self):
     ids, mask, epoch = next(self.prompts)
     g = self.cfg.group_size
@@ -187,11 +211,39 @@ class PPOTrainer:
     ids, mask, _ = self._next_batch()
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), -1 & 0x7FFFFFFF)
     scored, _ = self._collect(self.state, self.ref_params, self.reward_params,
-                              RewardNorm.identity(), ids, mask, key)
-    self.reward_norm = RewardNorm.calibrate(scored.raw_scores)
+                              self._replicated(RewardNorm.identity()), ids, mask, key)
+    self.reward_norm = self._replicated(RewardNorm.calibrate(scored.raw_scores))
     logging.info("reward normalisation: gain %.4f bias %.4f", float(self.reward_norm.gain),
                  float(self.reward_norm.bias))
     return self.reward_norm
+
+  def _resume(self) -> None:
+    """Continues from the newest checkpoint, if any; the writer keeps only the records logged up
+    to it (all of them being from the checkpointed iterations)."""
+    restored = self.checkpointer.restore(self.state)
+    if restored is not None:
+      self.state, self._resumed = restored
+      self.prompts.restore(self._resumed["data_iterator"])
+      norm = self._resumed["reward_norm"]
+      self.reward_norm = self._replicated(
+          RewardNorm(gain=np.float32(norm["gain"]), bias=np.float32(norm["bias"])))
+      self.eval_history = self._resumed["eval_history"]
+      logging.info("resuming PPO from step %d", int(self.state.step))
+    if self.writer is not None:
+      self.writer.truncate(self._resumed.get("num_records", 0))
+
+  def _checkpoint(self, step: int, force: bool, **host_state) -> None:
+    if self.checkpointer is None:
+      return
+    meta = {
+        "data_iterator": self.prompts.state(),
+        "reward_norm": {"gain": float(self.reward_norm.gain), "bias": float(self.reward_norm.bias)},
+        "num_records": self.writer.num_records if self.writer is not None else 0,
+        "eval_history": [{k: v for k, v in e.items() if k != "samples"}
+                         for e in self.eval_history],
+        **host_state,
+    }
+    self.checkpointer.save(step, self.state, meta, force=force)
 
   def evaluate(self, step: int) -> dict[str, Any]:
     """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score."""
@@ -249,11 +301,28 @@ class PPOTrainer:
   def train(self) -> dict[str, Any]:
     """Runs until max_steps or the reward threshold; returns the last evaluation."""
     cfg = self.cfg
-    if cfg.normalize_reward:
+    resumed = self._resumed
+    if cfg.normalize_reward and not resumed:
       self.calibrate_reward()
+    with faults.PreemptionHandler() as preemption:
+      try:
+        step, last_eval, eval_step = self._loop(resumed, preemption)
+      finally:   # a checkpoint in flight completes even when the loop raised
+        if self.checkpointer is not None:
+          self.checkpointer.wait()
+    if eval_step != step:
+      last_eval = self.evaluate(step)
+    return last_eval
+
+  def _loop(self, resumed: dict[str, Any],
+            preemption: faults.PreemptionHandler) -> tuple[int, dict[str, Any], int]:
+    """The iterations; returns (step, last evaluation, its step)."""
+    cfg = self.cfg
     progress = Progress(cfg.max_steps, "ppo", cfg.log_every_s)
-    last_eval: dict[str, Any] = {}
-    eval_step = -1
+    last_eval: dict[str, Any] = resumed.get("last_eval", {})
+    eval_step = resumed.get("last_eval_step", -1)
+    nonfinite = faults.NonfiniteGuard(cfg.max_nonfinite_iterations,
+                                      resumed.get("nonfinite_streak", 0))
     step = int(self.state.step)
     tokens_per_iter = cfg.batch_size * cfg.group_size * (cfg.max_prompt_len + cfg.max_new_tokens)
     while step < cfg.max_steps:
@@ -273,18 +342,23 @@ class PPOTrainer:
       record = (self.writer.write(step, metrics) if self.writer is not None
                 else {"step": step, **metrics})
       self.history.append(record)
-      if not np.isfinite(record["reward_mean"]):
-        raise FloatingPointError(f"non-finite reward at step {step}")
+      nonfinite.update(step, record)
       progress.update(step, f"reward {record['raw_score_mean']:.3f} kl {record['kl']:.3f}",
                       force=step == 1)
-      if (cfg.reward_threshold is not None and last_eval
-          and last_eval["eval_reward"] >= cfg.reward_threshold):
+      reached = bool(cfg.reward_threshold is not None and last_eval
+                     and last_eval["eval_reward"] >= cfg.reward_threshold)
+      preempted = preemption.requested()
+      self._checkpoint(step, force=reached or preempted or step == cfg.max_steps,
+                       last_eval=last_eval, last_eval_step=eval_step,
+                       nonfinite_streak=nonfinite.streak)
+      if preempted:
+        raise faults.Preempted(step, preemption.signum,
+                               self.checkpointer.directory if self.checkpointer else None)
+      if reached:
         logging.info("eval reward %.4f reached the threshold %.4f at step %d",
                      last_eval["eval_reward"], cfg.reward_threshold, step)
         break
-    if eval_step != step:
-      last_eval = self.evaluate(step)
-    return last_eval
+    return step, last_eval, eval_step
 
   @property
   def policy(self):
