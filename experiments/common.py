@@ -4,17 +4,63 @@ import os
 import sys
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from rlhf_jax import faults
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for a multi-process run (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-process run (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes) (default: $JAX_PROCESS_ID).")
+
+
+def distributed_args(coordinator_address: str | None, num_processes: int | None,
+                     process_id: int | None, environ=os.environ) -> dict | None:
+  """Arguments of `jax.distributed.initialize`, from the flags or else the environment
+  (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); None for a single process."""
+  def pick(value, var, cast):
+    if value is not None:
+      return value
+    raw = environ.get(var)
+    if raw in (None, ""):
+      return None
+    try:
+      return cast(raw)
+    except ValueError:
+      raise ValueError(f"${var}={raw!r} is not a valid {cast.__name__}") from None
+  args = {"coordinator_address": pick(coordinator_address, "JAX_COORDINATOR_ADDRESS", str),
+          "num_processes": pick(num_processes, "JAX_NUM_PROCESSES", int),
+          "process_id": pick(process_id, "JAX_PROCESS_ID", int)}
+  given = [k for k, v in args.items() if v is not None]
+  if not given or args["num_processes"] == 1:
+    return None
+  if len(given) < 3:
+    missing = ", ".join(f"--{k}" for k in args if args[k] is None)
+    raise ValueError(f"a multi-process run needs --coordinator_address, --num_processes and "
+                     f"--process_id (or the JAX_* variables); missing {missing}")
+  if args["num_processes"] < 1 or not 0 <= args["process_id"] < args["num_processes"]:
+    raise ValueError(f"need 0 <= process_id < num_processes, got process_id="
+                     f"{args['process_id']}, num_processes={args['num_processes']}")
+  return args
+
 
 def setup() -> None:
+  """JAX settings every main shares, and `jax.distributed.initialize` for multi-process runs."""
   jax.config.update("jax_threefry_partitionable", True)
   logging.set_verbosity(logging.INFO)
+  args = distributed_args(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if args is not None:
+    # Cross-process collectives on the CPU backend (ignored by GPU/TPU backends).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**args)
+    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def guard(main):
@@ -33,6 +79,29 @@ def guard(main):
       print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
       sys.exit(2)
   return wrapped
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad flag or config (unknown key, bad value, a config file that
+  raises) ends the run like bad input: one `error:` line, exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # ml_collections embeds the config file's traceback; its last line names the problem.
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    detail = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+  except (KeyError, AttributeError) as e:   # ml_collections: an override of a missing field
+    field = str(e).strip("'\"")
+    named = [a.split("=")[0] for a in argv[1:]
+             if a.startswith("--") and field in a.split("=")[0].split(".")[1:]]
+    detail = f"unknown config field {named[0] if named else repr(field)}"
+  print(f"error: {detail} (see --helpfull)", file=sys.stderr)
+  sys.exit(2)
+
+
+def run(main) -> None:
+  """`app.run` with `parse_flags` and `guard`: the entry point of every experiment main."""
+  app.run(guard(main), flags_parser=parse_flags)
 
 
 def define_flags():

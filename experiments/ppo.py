@@ -8,8 +8,6 @@ r"""Stage 3 alone: PPO from an SFT policy against a reward model; writes <workdi
 
 import json
 
-from absl import app
-
 from experiments import common
 from rlhf_jax import pipeline
 
@@ -29,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(common.guard(main))
+  common.run(main)

@@ -5,8 +5,6 @@ r"""Stage 2 alone: Bradley-Terry reward model; writes <workdir>/reward.
       --config.preferences=pairs.jsonl --config.policy_path=SFT_CKPT
 """
 
-from absl import app
-
 from experiments import common
 from rlhf_jax import pipeline
 
@@ -25,4 +23,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(common.guard(main))
+  common.run(main)

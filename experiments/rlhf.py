@@ -8,8 +8,6 @@ r"""SFT -> reward model -> PPO in one command.
 
 import json
 
-from absl import app
-
 from experiments import common
 from rlhf_jax import pipeline
 
@@ -24,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(common.guard(main))
+  common.run(main)

@@ -5,8 +5,6 @@ r"""Stage 1 alone: supervised fine-tuning; writes <workdir>/sft (a Hugging Face 
       --config.policy_path=BASE_CKPT
 """
 
-from absl import app
-
 from experiments import common
 from rlhf_jax import pipeline
 
@@ -22,4 +20,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(common.guard(main))
+  common.run(main)

@@ -98,3 +98,26 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def put(tree, shardings):
+  """`jax.device_put(tree, shardings)` that also works in multi-process runs.
+
+  There a sharding spans other processes' devices, which `device_put` refuses for committed
+  arrays; each process holds the same host values (same checkpoint, same seed), so it builds its
+  own shards of the global array from its copy (`jax.make_array_from_callback`). `shardings` is
+  one Sharding or a tree matching `tree`.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, sharding):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding),
+                                      impl=jax.random.key_impl(x))
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: one(x, shardings), tree)
+  return jax.tree.map(one, tree, shardings)

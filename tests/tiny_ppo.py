@@ -117,6 +117,7 @@ def ppo_overrides(max_steps: int, **extra) -> dict[str, object]:
 
 
 def env(cache_dir: str, num_devices: int = 2) -> dict[str, str]:
+  """The subprocess environment: CPU with `num_devices` devices, the shared compilation cache."""
   e = dict(os.environ)
   e.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
            XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
@@ -131,18 +132,19 @@ def command(workdir: str, overrides: dict[str, object], module: str = "experimen
           + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-def start(workdir: str, overrides: dict[str, object], cache_dir: str,
-          log_path: str) -> subprocess.Popen:
+def start(workdir: str, overrides: dict[str, object], cache_dir: str, log_path: str,
+          num_devices: int = 2, flags: tuple[str, ...] = ()) -> subprocess.Popen:
   """Starts the PPO stage in the background, its output appended to `log_path` (a file, not a
   pipe, so a chatty child never blocks on a full pipe)."""
   with open(log_path, "a") as log:
-    return subprocess.Popen(command(workdir, overrides), cwd=ROOT, env=env(cache_dir),
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(command(workdir, overrides) + list(flags), cwd=ROOT,
+                            env=env(cache_dir, num_devices), stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
-def run(workdir: str, overrides: dict[str, object], cache_dir: str,
-        timeout: float = 120) -> subprocess.CompletedProcess:
-  return subprocess.run(command(workdir, overrides), cwd=ROOT, env=env(cache_dir),
+def run(workdir: str, overrides: dict[str, object], cache_dir: str, timeout: float = 180,
+        num_devices: int = 2) -> subprocess.CompletedProcess:
+  return subprocess.run(command(workdir, overrides), cwd=ROOT, env=env(cache_dir, num_devices),
                         capture_output=True, text=True, timeout=timeout)
 
 

@@ -134,6 +134,10 @@ class PPOTrainer:
     if policy.cfg.vocab_size < len(tokenizer):
       raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the policy's vocabulary has "
                        f"{policy.cfg.vocab_size}")
+    if cfg.max_prompt_len + cfg.max_new_tokens > policy.cfg.max_position_embeddings:
+      raise ValueError(f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len} + "
+                       f"{cfg.max_new_tokens} exceeds the policy's max_position_embeddings = "
+                       f"{policy.cfg.max_position_embeddings}")
     enc = encode_prompts(tokenizer, train_prompts, cfg.max_prompt_len)
     if enc.num_truncated:
       logging.warning("%d of %d train prompts were longer than max_prompt_len=%d and were "
@@ -148,14 +152,14 @@ class PPOTrainer:
     tx = make_optimizer(cfg.optim)
     state = ppo_lib.init_train_state(cfg.ppo, policy, tx, jax.random.key(cfg.seed), value_model)
     # Copies: the state's buffers are donated to every update, the frozen models' never are.
-    self.ref_params = jax.device_put(jax.tree.map(jnp.copy, ref_params),
-                                     sharding_lib.param_shardings(ref_params, self.mesh))
+    self.ref_params = sharding_lib.put(jax.tree.map(jnp.copy, ref_params),
+                                       sharding_lib.param_shardings(ref_params, self.mesh))
     self.reward_fn = reward_fn
-    self.reward_params = reward_params if reward_params is None else jax.device_put(
+    self.reward_params = reward_params if reward_params is None else sharding_lib.put(
         reward_params, sharding_lib.param_shardings(reward_params, self.mesh)
         if isinstance(reward_params, nnx.State) else sharding_lib.replicated(self.mesh))
     self.state_shardings = ppo_lib.train_state_shardings(state, self.mesh)
-    self.state = jax.device_put(state, self.state_shardings)
+    self.state = sharding_lib.put(state, self.state_shardings)
     # Replicated like the calibrated and the restored norms, so collect compiles once per run.
     self.reward_norm = self._replicated(RewardNorm.identity())
     self._collect = jax.jit(self._collect_impl)
@@ -197,7 +201,7 @@ class PPOTrainer:
     return jax.make_array_from_process_local_data(sh, local)
 
   def _replicated(self, tree):
-    return jax.device_put(tree, sharding_lib.replicated(self.mesh))
+    return sharding_lib.put(tree, sharding_lib.replicated(self.mesh))
 
   def _next_batch(self):
     ids, mask, epoch = next(self.prompts)
