@@ -164,13 +164,18 @@ def ppo_trainer_config(config) -> PPOTrainerConfig:
       max_steps=p.max_steps, reward_threshold=p.reward_threshold, eval_every=p.eval_every,
       num_eval_prompts=p.num_eval_prompts, normalize_reward=p.normalize_reward,
       missing_eos_penalty=p.missing_eos_penalty, whiten_scores=p.whiten_scores,
-      seed=config.seed, ppo=ppo_cfg,
+      seed=config.seed, checkpoint_every=p.checkpoint_every,
+      keep_checkpoints=p.keep_checkpoints, max_nonfinite_iterations=p.max_nonfinite_iterations,
+      ppo=ppo_cfg,
       optim=OptimConfig(learning_rate=p.learning_rate, schedule=p.lr_schedule,
                         total_steps=p.max_steps * steps_per_iter, max_grad_norm=p.max_grad_norm))
 
 
 def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
-  """Stage 3: PPO from the SFT policy against the reward model; writes <workdir>/ppo."""
+  """Stage 3: PPO from the SFT policy against the reward model; writes <workdir>/ppo.
+
+  Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
+  """
   tokenizer = load_tokenizer(config)
   tcfg = ppo_trainer_config(config)
   policy = models.from_pretrained(policy_path, kind="causal_lm", dtype=config.dtype)
@@ -187,7 +192,8 @@ def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
       tcfg, policy, tokenizer, data_lib.load_prompts(config.prompts),
       data_lib.load_prompts(config.eval_prompts) if config.eval_prompts else [],
       reward_fn=reward_model_fn(reward_graphdef), reward_params=reward_params,
-      value_model=value, gold_fn=gold_fn, mesh=make_mesh(config), writer=writer)
+      value_model=value, gold_fn=gold_fn, mesh=make_mesh(config), writer=writer,
+      checkpoint_dir=os.path.join(os.path.abspath(paths.ppo), "checkpoints"))
   final = trainer.train()
   writer.write(int(trainer.state.step), {f"final_{k}": v for k, v in final.items()
                                          if k != "samples"})

@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       num_examples=6000, batch_size=64, epochs=2, max_len=32, learning_rate=3e-3,
       warmup_steps=20, eval_fraction=0.05))
   c.reward = config_dict.ConfigDict(dict(
-      num_pairs=6000, batch_size=64, epochs=2, max_len=32, learning_rate=1e-3,
+      num_pairs=10000, batch_size=64, epochs=3, max_len=32, learning_rate=1e-3,
       warmup_steps=20, eval_fraction=0.1, center_coef=0.0,
       label_temperature=0.1))
   c.ppo = config_dict.ConfigDict(dict(
@@ -58,9 +58,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       policy_loss="ppo", clip_eps=0.2, value_loss="clipped", value_clip_eps=0.2,
       advantage="gae", gamma=1.0, lam=0.95, critic="separate", ppo_epochs=4,
       num_minibatches=4, vf_coef=0.1, ent_coef=0.0, whiten_advantages=True,
-      kl_estimator="k1", kl_in_reward=True, kl_coef=0.05, kl_controller="fixed",
-      kl_target=6.0, kl_horizon=10000, learning_rate=1e-3,
-      max_grad_norm=1.0, lr_schedule="constant"))
+      kl_estimator="k1", kl_in_reward=True, kl_coef=0.1, kl_controller="fixed",
+      kl_target=6.0, kl_horizon=10000, learning_rate=2e-4,
+      max_grad_norm=1.0, lr_schedule="constant",
+      # Checkpoints in <workdir>/ppo/checkpoints; a rerun resumes from the newest.
+      checkpoint_every=10, keep_checkpoints=3, max_nonfinite_iterations=3))
 
   if variant == "default":
     pass
