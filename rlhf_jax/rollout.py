@@ -41,6 +41,8 @@ class SamplingConfig:
   greedy: bool = False
 
   def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.eos_token_id == self.pad_token_id:
       raise ValueError(f"pad_token_id must differ from eos_token_id (both {self.pad_token_id})")
     if self.temperature <= 0:
@@ -77,34 +79,88 @@ class Rollout:
         [self.prompt_mask.astype(jnp.float32), self.completion_mask.astype(jnp.float32)], axis=1)
 
 
-def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
-  """Sets logits outside the top-k / top-p (nucleus) set to -inf. logits: [B, V]."""
-  neg = jnp.finfo(logits.dtype).min
+def keep_mask(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """The tokens a top-k / top-p (nucleus, Holtzman et al. 2020) filter keeps. logits: [B, V]."""
+  keep = jnp.ones(logits.shape, jnp.bool_)
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
+    keep = logits >= kth
+    logits = jnp.where(keep, logits, -jnp.inf)
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Mass strictly before each token; a token is kept while that mass is < top_p, so the
     # token that crosses top_p is kept too.
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, neg, logits)
-  return logits
+    threshold = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1,
+                        keepdims=True)
+    keep = keep & (logits >= threshold)
+  return keep
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Sets logits outside the top-k / top-p set to the dtype's lowest value. logits: [B, V]."""
+  return jnp.where(keep_mask(logits, top_k, top_p), logits, jnp.finfo(logits.dtype).min)
+
+
+# Entries per block of the two-level CDF: float32 running sums stay within one block's mass.
+_CDF_BLOCK = 128
+
+
+def _first_above(cum: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
+  """Per row, the first index i with cum[i] > target (an inverse CDF), never a zero weight.
+
+  cum: [B, n] running sums of weights [B, n] >= 0; target: [B]. A zero weight leaves the running
+  sum unchanged, so it is never the first to exceed; when rounding puts target at or past the
+  total, the last positive weight is taken.
+  """
+  n = cum.shape[-1]
+  idx = jnp.sum(cum <= target[:, None], axis=-1)
+  last_positive = n - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+  return jnp.minimum(idx, last_positive).astype(jnp.int32)
+
+
+def categorical(rng: jax.Array, weights: jax.Array) -> jax.Array:
+  """Draws index i of each row with probability weights[i] / sum(weights), by inverse CDF.
+
+  weights: [B, V] >= 0 (unnormalised probabilities), at least one positive per row. One uniform u
+  per row picks the i with W[i-1] <= u * W[V-1] < W[i], W the running sum. `jax.random.categorical`
+  (Gumbel-max) draws V random numbers per row instead, and in decode those cost as much as a small
+  model's whole step. The running sum is two-level (over blocks of `_CDF_BLOCK`, then inside the
+  chosen block), so float32 rounding is that of a block's sum, not of the whole vocabulary's.
+  """
+  chex.assert_rank(weights, 2)
+  b, v = weights.shape
+  nb = -(-v // _CDF_BLOCK)
+  blocks = jnp.pad(weights, ((0, 0), (0, nb * _CDF_BLOCK - v))).reshape(b, nb, _CDF_BLOCK)
+  block_mass = blocks.sum(-1)
+  block_cum = jnp.cumsum(block_mass, axis=-1)
+  target = jax.random.uniform(rng, (b,), jnp.float32) * block_cum[:, -1]
+  j = _first_above(block_cum, target, block_mass)
+  inner = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]
+  before = jnp.take_along_axis(block_cum - block_mass, j[:, None], axis=1)[:, 0]
+  i = _first_above(jnp.cumsum(inner, axis=-1), target - before, inner)
+  return j * _CDF_BLOCK + i
 
 
 def sample_token(rng: jax.Array, logits: jax.Array, cfg: SamplingConfig):
-  """One token per row from logits [B, V]: (tokens [B], log softmax(logits / T)[token] [B])."""
+  """One token per row from logits [B, V]: (tokens [B], log softmax(logits / T)[token] [B]).
+
+  The log-prob is that of the tempered distribution before top-k / top-p truncation, which is
+  what `score` recomputes from the policy.
+  """
   chex.assert_rank(logits, 2)
   scaled = logits.astype(jnp.float32) / cfg.temperature
-  logp = jax.nn.log_softmax(scaled, axis=-1)
+  top = jnp.max(scaled, axis=-1, keepdims=True)
+  weights = jnp.exp(scaled - top)
   if cfg.greedy:
-    tok = jnp.argmax(scaled, axis=-1)
+    tok = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+  elif cfg.top_k > 0 or cfg.top_p < 1.0:
+    tok = categorical(rng, jnp.where(keep_mask(scaled, cfg.top_k, cfg.top_p), weights, 0.0))
   else:
-    tok = jax.random.categorical(rng, filter_logits(scaled, cfg.top_k, cfg.top_p), axis=-1)
-  return tok.astype(jnp.int32), jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0]
+    tok = categorical(rng, weights)
+  picked = jnp.take_along_axis(scaled, tok[:, None], axis=1)[:, 0]
+  return tok, picked - top[:, 0] - jnp.log(weights.sum(-1))
 
 
 def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
@@ -125,16 +181,13 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   model = nnx.merge(graphdef, params)
   b, p = prompt_ids.shape
   n = cfg.max_new_tokens
-  cache = init_cache(model.cfg, b, p + n)
-  logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache)
+  # The last sampled token is never fed back, so the cache holds p + n - 1 positions.
+  cache = init_cache(model.cfg, b, p + n - 1)
+  logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1)
 
-  def cond(carry):
-    t, _, _, _, done, _, _ = carry
-    return jnp.logical_and(t < n, jnp.logical_not(jnp.all(done)))
-
-  def body(carry):
-    t, tokens, logprobs, valid, done, last_logits, cache = carry
-    tok, lp = sample_token(jax.random.fold_in(rng, t), last_logits, cfg)
+  def emit(t, logits, tokens, logprobs, valid, done):
+    """Samples token t from logits [B, V] into the buffers; rows already done get padding."""
+    tok, lp = sample_token(jax.random.fold_in(rng, t), logits, cfg)
     live = jnp.logical_not(done)
     tok = jnp.where(live, tok, cfg.pad_token_id)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], t, axis=1)
@@ -143,14 +196,26 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
     valid = jax.lax.dynamic_update_slice_in_dim(valid, live[:, None], t, axis=1)
     if cfg.eos_token_id is not None:
       done = jnp.logical_or(done, tok == cfg.eos_token_id)
-    # Rows already done feed padding that no later token may attend to.
+    return tok, live, tokens, logprobs, valid, done
+
+  def cond(carry):
+    t, *_, done, _ = carry
+    return jnp.logical_and(t < n, jnp.logical_not(jnp.all(done)))
+
+  def body(carry):
+    # The model step comes first so that no step runs after the last token is sampled.
+    t, tok, live, tokens, logprobs, valid, done, cache = carry
+    # Rows that were already done feed padding that no later token may attend to.
     step_logits, cache = nnx.merge(graphdef, params)(
         tok[:, None], attention_mask=live[:, None], cache=cache)
-    return t + 1, tokens, logprobs, valid, done, step_logits[:, 0], cache
+    tok, live, tokens, logprobs, valid, done = emit(
+        t, step_logits[:, 0], tokens, logprobs, valid, done)
+    return t + 1, tok, live, tokens, logprobs, valid, done, cache
 
-  init = (jnp.zeros((), jnp.int32), jnp.full((b, n), cfg.pad_token_id, jnp.int32),
-          jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.bool_),
-          jnp.zeros((b,), jnp.bool_), logits[:, -1], cache)
-  _, tokens, logprobs, valid, _, _, _ = jax.lax.while_loop(cond, body, init)
+  first = emit(0, logits[:, 0], jnp.full((b, n), cfg.pad_token_id, jnp.int32),
+               jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.bool_),
+               jnp.zeros((b,), jnp.bool_))
+  init = (jnp.ones((), jnp.int32), *first, cache)
+  _, _, _, tokens, logprobs, valid, _, _ = jax.lax.while_loop(cond, body, init)
   return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=tokens,
                  completion_mask=valid.astype(jnp.float32), logprobs=logprobs)

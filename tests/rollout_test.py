@@ -195,6 +195,28 @@ def test_sampling_frequencies_match_tempered_truncated_softmax(temperature, top_
   np.testing.assert_allclose(logprobs, _log_softmax(scaled)[tokens], atol=1e-5)
 
 
+def test_inverse_cdf_categorical_matches_weights_across_blocks():
+  # 300 entries: three CDF blocks, the last one partly padding; zero weights (a filtered vocabulary)
+  # inside a block, a whole zero block-sized stretch, and mass concentrated at both ends.
+  v = 3 * R._CDF_BLOCK - 84
+  rng = np.random.default_rng(5)
+  weights = rng.gamma(0.3, 1.0, v).astype(np.float32)
+  weights[10:40] = 0.0
+  weights[R._CDF_BLOCK:2 * R._CDF_BLOCK] = 0.0
+  weights[-1] = weights[0] = 3.0 * weights.max()
+  expected = weights / weights.astype(np.float64).sum()
+  tokens = np.asarray(R.categorical(jax.random.key(7), jnp.tile(jnp.asarray(weights),
+                                                                (SAMPLES, 1))))
+  freq = np.bincount(tokens, minlength=v) / SAMPLES
+  assert tokens.min() >= 0 and tokens.max() < v
+  assert np.all(freq[weights == 0] == 0.0)
+  sigma = np.sqrt(expected * (1 - expected) / SAMPLES)
+  np.testing.assert_array_less(np.abs(freq - expected), 5 * sigma + 1e-12)
+  # A row with a single positive weight always draws it, even where it is the row's last entry.
+  one_hot = jnp.zeros((4, v)).at[:, v - 1].set(1e-30)
+  np.testing.assert_array_equal(R.categorical(jax.random.key(0), one_hot), v - 1)
+
+
 def test_greedy_sample_token_is_argmax_with_tempered_logprob():
   logits = np.random.default_rng(4).normal(0.0, 1.0, (6, 32)).astype(np.float32)
   cfg = R.SamplingConfig(max_new_tokens=1, eos_token_id=1, pad_token_id=0, temperature=0.5,
@@ -220,9 +242,9 @@ _FORWARD_CALLS: list[int] = []
 class _CountingLM(models.CausalLM):
   """A CausalLM that records each forward it runs, at run time (inside jit and while_loop)."""
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+  def __call__(self, *args, **kwargs):
     jax.debug.callback(lambda: _FORWARD_CALLS.append(1))
-    return super().__call__(input_ids, attention_mask, positions, cache)
+    return super().__call__(*args, **kwargs)
 
 
 def test_decode_loop_stops_once_every_row_has_emitted_eos():
@@ -243,8 +265,9 @@ def test_decode_loop_stops_once_every_row_has_emitted_eos():
   assert (tokens == eos).any(axis=1).all()
   first_eos = np.argmax(tokens == eos, axis=1)
   assert first_eos.max() < max_new - 2 and len(set(first_eos)) > 1
-  # One prefill, then one decode step per token up to the last row's EOS, and no more.
-  assert len(_FORWARD_CALLS) == 1 + first_eos.max() + 1
+  # One prefill (which gives token 0), then one decode step per token up to the last row's EOS,
+  # and none after it.
+  assert len(_FORWARD_CALLS) == 1 + first_eos.max()
   after = np.arange(max_new)[None] > first_eos[:, None]
   np.testing.assert_array_equal(cmask, (~after).astype(np.float32))
   np.testing.assert_array_equal(tokens[after], PAD)

@@ -304,10 +304,15 @@ class CausalLM(nnx.Module):
       out = hidden @ self.lm_head[...].astype(hidden.dtype)
     return out.astype(jnp.float32)
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
-    """Logits [B,T,V]; with a cache, (logits, new_cache)."""
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
+               logits_to_keep: int = 0):
+    """Logits [B,T,V]; with a cache, (logits, new_cache).
+
+    logits_to_keep: k > 0 keeps only the last k positions' logits ([B,k,V]), as in transformers; a
+      prefill needs just the last one, and the LM head is the largest matmul of a small model.
+    """
     hidden, new_cache = self.decoder(input_ids, attention_mask, positions, cache)
-    logits = self.logits(hidden)
+    logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
     return logits if cache is None else (logits, new_cache)
 
 
