@@ -18,8 +18,8 @@ What is timed, in a process of its own per framework (so its max RSS is that fra
     tokens, logits at every position (what TRL's `labels=ids` call does).
 FLOPs: TRL's formula (matmul FLOPs of the workload, backward = 2 x forward) gives `mfu`, so the two
 frameworks' MFU compare; `mfu_executed` uses the FLOPs rlhf_jax's programs actually run (the LM
-head only on the R completion positions when scoring and training, full-square attention, the
-prefill's LM head on every prompt position, one decode step more than needed).
+head only on the R completion positions when scoring and training, attention over every slot of
+its buffer, the prefill's LM head at its last position only).
 Peak: square float32 matmuls with numpy and jnp.dot, measured in the same run (the max is the
 peak); it is handed to the TRL run too, so both MFUs use one denominator.
 
@@ -98,9 +98,9 @@ def executed_flops(p: dict, critic: str) -> dict:
 
   Differences from `trl_flops`: attention scores every key slot of the buffer (4 L d T S per
   sequence, masked afterwards, S = T); scoring and training apply the LM head to the R positions
-  that predict completion tokens only; the reward head reads one position; generation runs the
-  prefill's LM head on all P prompt positions and R decode steps (the last step's logits are not
-  used). A shared critic reuses the policy trunk: no value backbone in training.
+  that predict completion tokens only; the reward head reads one position; generation is a
+  prefill with the LM head at its last position, then R - 1 decode steps, attending over a cache
+  of S = T - 1 slots. A shared critic reuses the policy trunk: no value backbone in training.
   """
   l, d, v = p["n_layer"], p["n_embd"], p["vocab"]
   pl, r, b, e = p["prompt_len"], p["response_len"], p["batch"], p["ppo_epochs"]
@@ -108,7 +108,7 @@ def executed_flops(p: dict, critic: str) -> dict:
   dense = 24 * l * d * d
   lm = 2 * d * v
   backbone = dense * t + 4 * l * d * t * t
-  gen = (dense + lm) * (pl + r) + 4 * l * d * t * (pl + r)
+  gen = dense * (t - 1) + lm * r + 4 * l * d * (t - 1) * (t - 1)
   policy_fwd = backbone + lm * r
   value_fwd = backbone + 2 * d * r
   train_fwd = policy_fwd + (value_fwd if critic == "separate" else 2 * d * r)

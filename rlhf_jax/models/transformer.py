@@ -37,7 +37,8 @@ class KVCache:
   """Fixed-size decode cache.
 
   Attributes:
-    k, v: Per-layer tuples of [B, S, num_kv_heads, head_dim] buffers.
+    k, v: Per-layer tuples of [B, num_kv_heads, S, head_dim] buffers: head-major, so a decode
+      step's attention is a plain batched matmul over each head's contiguous [S, head_dim] block.
     mask: [B, S] bool, slot holds a real (attendable) token.
     pos: [B] int32, position id the next real token of each row will get.
     index: int32 scalar, next slot to write (shared by the batch: fixed shapes).
@@ -52,7 +53,7 @@ class KVCache:
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   """An empty cache of `max_len` slots for `batch` rows."""
   dtype = dtype or cfg.compute_dtype
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return KVCache(
       k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
       v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
@@ -93,10 +94,10 @@ def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates [B, T, H, D] by angle position * inv_freq, rotate-half layout (Hugging Face)."""
+  """Rotates [B, H, T, D] by angle position * inv_freq, rotate-half layout (Hugging Face)."""
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, None]
+  sin = jnp.sin(angles)[:, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -146,14 +147,15 @@ class Attention(nnx.Module):
       self.k_norm = Norm(cfg, hd, ("head_dim",), rngs=rngs)
 
   def _proj(self, x, name):
+    """x [B,T,d] -> heads [B,H,T,D]."""
     dt = x.dtype
-    y = jnp.einsum("btd,dhk->bthk", x, getattr(self, name)[...].astype(dt))
+    y = jnp.einsum("btd,dhk->bhtk", x, getattr(self, name)[...].astype(dt))
     if self.cfg.qkv_bias:
-      y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+      y = y + getattr(self, f"{name}_bias")[...].astype(dt)[:, None]
     return y
 
   def __call__(self, x, positions, key_mask, layer_cache, index):
-    """x [B,T,d]; key_mask [B,S]; layer_cache (k, v) buffers [B,S,KV,D] or None (then S == T)."""
+    """x [B,T,d]; key_mask [B,S]; layer_cache (k, v) buffers [B,KV,S,D] or None (then S == T)."""
     cfg = self.cfg
     q, k, v = self._proj(x, "q"), self._proj(x, "k"), self._proj(x, "v")
     if cfg.qk_norm:
@@ -164,23 +166,23 @@ class Attention(nnx.Module):
       k = apply_rope(k, positions, inv_freq)
     if layer_cache is not None:
       ck, cv = layer_cache
-      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+      k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=2)
       new_cache = (k, v)
     else:
       new_cache = None
-    b, t, h, hd = q.shape
-    s, kvh = k.shape[1], k.shape[2]
+    b, h, t, hd = q.shape
+    kvh, s = k.shape[1], k.shape[2]
     # Group query heads onto their shared kv head instead of repeating k/v (no copies for GQA).
-    q = q.reshape(b, t, kvh, h // kvh, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
+    q = q.reshape(b, kvh, h // kvh, t, hd)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
     scores = scores / math.sqrt(hd)
     q_slot = index + jnp.arange(t)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd).astype(x.dtype)
-    y = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(x.dtype))
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, hd).astype(x.dtype)
+    y = jnp.einsum("bhtk,hkd->btd", out, self.o[...].astype(x.dtype))
     if cfg.out_bias:
       y = y + self.o_bias[...].astype(x.dtype)
     return y, new_cache
