@@ -236,12 +236,16 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
   def minibatch_step(carry, mb):
     params, opt_state = carry
     grads, metrics = grad_fn(params, dict(mb, kl_coef=kl_coef))
-    updates, new_opt_state = state.tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    carry = (keep(new_params, params), keep(new_opt_state, opt_state))
+
+    def step(params, opt_state):
+      updates, opt_state = state.tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A branch, not a select of new against old: both copies of params and optimizer state would
+    # be live at once, and the select is another pass over them.
+    carry = jax.lax.cond(finite, step, lambda *c: c, params, opt_state)
     return carry, dict(metrics, grad_norm=grad_norm, nonfinite_steps=1.0 - finite)
 
   def epoch(carry, key):
