@@ -411,6 +411,7 @@ def summarize_ours(runs: list[dict], p: dict, peak, critic: str) -> dict:
                          for k in ok[0]["phase_median_s"]},
       "episodes_per_s": round(p["batch"] / it, 3),
       "compile_s": ok[0]["compile_s"], "max_rss_mib": max(r["max_rss_mib"] for r in ok),
+      "peak_rss_mib_after": [r["peak_rss_mib_after"] for r in ok],
       "metrics_finite": all(r["metrics_finite"] for r in ok),
       "achieved_gflops_executed": gflops(ex_f["per_iteration"]["total"], it),
       "mfu_executed": mfu(ex_f["per_iteration"]["total"], it, peak),

@@ -1,0 +1,64 @@
+"""bench/ppo_bench.py: FLOP counts against TRL's published figures, and a shrunk end-to-end run."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "ppo_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("ppo_bench", BENCH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+# GFLOP per iteration from shared/reference/trl_ppo_cpu.md (TRL's own count, one decimal).
+TRL_GFLOP = {
+    "tiny": {"generation": 34.5, "ref_fwd": 43.5, "value_fwd": 26.3, "reward_fwd": 26.3,
+             "ppo_train_fwd_bwd": 837.7, "total": 968.4},
+    "small": {"generation": 429.0, "ref_fwd": 510.9, "value_fwd": 352.8, "reward_fwd": 352.8,
+              "ppo_train_fwd_bwd": 2590.9, "total": 4236.3},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(TRL_GFLOP))
+def test_trl_formula_reproduces_trls_published_flops(bench, preset):
+  counted = bench.trl_flops(bench.PRESETS[preset])["per_iteration"]
+  for phase, gflop in TRL_GFLOP[preset].items():
+    assert counted[phase] / 1e9 == pytest.approx(gflop, abs=0.051), phase
+
+
+def test_shared_critic_executes_less_training_work(bench):
+  p = bench.PRESETS["tiny"]
+  separate = bench.executed_flops(p, "separate")["per_iteration"]
+  shared = bench.executed_flops(p, "shared")["per_iteration"]
+  assert shared["ppo_train_fwd_bwd"] < separate["ppo_train_fwd_bwd"]
+  assert {k: v for k, v in shared.items() if k not in ("ppo_train_fwd_bwd", "total")} == {
+      k: v for k, v in separate.items() if k not in ("ppo_train_fwd_bwd", "total")}
+
+
+def test_shrunk_run_prints_one_json_line(tmp_path):
+  out = tmp_path / "bench.json"
+  cmd = [sys.executable, str(BENCH), "--preset", "tiny", "--n-layer", "1", "--batch", "4",
+         "--mini-batch", "2", "--ppo-epochs", "1", "--prompt-len", "4", "--response-len", "4",
+         "--iters", "2", "--warmup", "1", "--skip-micro", "--peak-gflops", "100",
+         "--out", str(out)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert res == json.loads(out.read_text())
+  ours = res["ours"]
+  assert res["overrides"] == {"n_layer": 1, "batch": 4, "mini_batch": 2, "ppo_epochs": 1,
+                              "prompt_len": 4, "response_len": 4}
+  assert ours["metrics_finite"] and ours["iter_median_s"] > 0
+  assert set(ours["phase_median_s"]) == {"generation", "scoring", "update", "other"}
+  assert 0 < ours["mfu"] < 1 and ours["max_rss_mib"] > 0
+  assert set(ours["peak_rss_mib_after"][0]) == {"built", "compiled", "ppo"}
+  assert "trl" not in res
