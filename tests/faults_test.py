@@ -1,6 +1,5 @@
 """Run-level faults: preemption signals become a flag, runs of non-finite iterations stop the run."""
 
-import os
 import signal
 
 import jax
@@ -15,17 +14,23 @@ from tiny_ppo import persistent_compilation_cache, tokenizer  # noqa: F401  (fix
 
 
 def test_signals_set_the_flag_and_a_second_sigint_aborts():
-  previous = signal.getsignal(signal.SIGINT)
-  with faults.PreemptionHandler() as handler:
-    assert not handler.requested()
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert handler.requested() and handler.signum == signal.SIGTERM
-  with faults.PreemptionHandler() as handler:
-    os.kill(os.getpid(), signal.SIGINT)   # the first Ctrl-C only asks to stop
-    assert handler.signum == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is previous
+  # Python's own Ctrl-C handler as the one to fall back to: a test runner's worker process may
+  # have installed another (one that does not raise). raise_signal, unlike os.kill, runs the
+  # handler in this thread before it returns, whichever thread the kernel would pick.
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with faults.PreemptionHandler() as handler:
+      assert not handler.requested()
+      signal.raise_signal(signal.SIGTERM)
+      assert handler.requested() and handler.signum == signal.SIGTERM
+    with faults.PreemptionHandler() as handler:
+      signal.raise_signal(signal.SIGINT)   # the first Ctrl-C only asks to stop
+      assert handler.signum == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, outer)
 
 
 def test_preempted_exit_codes_are_those_of_a_signal_death():
