@@ -98,11 +98,6 @@ def keep_mask(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
   return keep
 
 
-def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
-  """Sets logits outside the top-k / top-p set to the dtype's lowest value. logits: [B, V]."""
-  return jnp.where(keep_mask(logits, top_k, top_p), logits, jnp.finfo(logits.dtype).min)
-
-
 # Entries per block of the two-level CDF: float32 running sums stay within one block's mass.
 _CDF_BLOCK = 128
 
