@@ -243,14 +243,18 @@ def worker_ours(args, p: dict) -> dict:
   mask = jnp.ones((b, pl), jnp.int32)
   key = jax.random.key(args.seed + 1)
 
-  compile_s = {}
+  compile_s, temp_mib = {}, {}
   rss = {"built": _rss_mib()}
 
   def compile_(name, fn, *specs):
     t0 = time.perf_counter()
     compiled = fn.lower(*specs).compile()
     compile_s[name] = round(time.perf_counter() - t0, 3)
-    log(f"[{tag}] compiled {name} in {compile_s[name]:.1f} s")
+    # XLA's scratch for one call, on top of its arguments and outputs: what moves peak memory.
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      temp_mib[name] = round(analysis.temp_size_in_bytes / 2 ** 20, 1)
+    log(f"[{tag}] compiled {name} in {compile_s[name]:.1f} s, temp {temp_mib.get(name)} MiB")
     return compiled
 
   gen_jit = jax.jit(generate)
@@ -264,20 +268,8 @@ def worker_ours(args, p: dict) -> dict:
 
   rss["compiled"] = _rss_mib()
   res = {"workload": p, "critic": args.critic, "dtype": args.dtype, "params": params_count,
-         "compile_s": compile_s, "peak_rss_mib_after": rss}
-  if not args.skip_micro:
-    res["generation"] = _time_reps(
-        args.gen_reps, lambda: gen_c(state.params["policy"], prompts[0], mask, key))
-    res["generation"]["gen_tokens_per_s"] = round(b * r / res["generation"]["median_s"], 2)
-    log(f"[{tag}] generation alone: {res['generation']['median_s']:.3f} s -> "
-        f"{res['generation']['gen_tokens_per_s']:.1f} gen tok/s")
-    seqs = jnp.asarray(rng.integers(FIRST_ID, v, (b, pl + r), dtype=np.int32))
-    fb_c = compile_("fwd_bwd", jax.jit(jax.value_and_grad(lm_loss)), state.params["policy"], seqs)
-    res["fwd_bwd"] = _time_reps(args.fb_reps, lambda: fb_c(state.params["policy"], seqs))
-    res["fwd_bwd"]["tokens_per_s"] = round(seqs.size / res["fwd_bwd"]["median_s"], 2)
-    log(f"[{tag}] policy fwd+bwd alone: {res['fwd_bwd']['median_s']:.3f} s -> "
-        f"{res['fwd_bwd']['tokens_per_s']:.1f} tok/s")
-    rss["micro"] = _rss_mib()
+         "compile_s": compile_s, "temp_mib": temp_mib,
+         "peak_rss_mib_after": rss}
   iters, phases, finite = [], [], True
   for i in range(args.iters):
     t0 = time.perf_counter()
@@ -298,6 +290,21 @@ def worker_ours(args, p: dict) -> dict:
     log(f"[{tag}] iter {i + 1}/{args.iters}: {t4 - t0:7.3f} s  "
         + "  ".join(f"{k}={x:.3f}" for k, x in ph.items()))
   rss["ppo"] = _rss_mib()
+  # After the PPO iterations, so that `peak_rss_mib_after["ppo"]` is the peak of the PPO workload
+  # alone; the full-sequence fwd+bwd keeps [B, T, V] logits and their gradient.
+  if not args.skip_micro:
+    res["generation"] = _time_reps(
+        args.gen_reps, lambda: gen_c(state.params["policy"], prompts[0], mask, key))
+    res["generation"]["gen_tokens_per_s"] = round(b * r / res["generation"]["median_s"], 2)
+    log(f"[{tag}] generation alone: {res['generation']['median_s']:.3f} s -> "
+        f"{res['generation']['gen_tokens_per_s']:.1f} gen tok/s")
+    seqs = jnp.asarray(rng.integers(FIRST_ID, v, (b, pl + r), dtype=np.int32))
+    fb_c = compile_("fwd_bwd", jax.jit(jax.value_and_grad(lm_loss)), state.params["policy"], seqs)
+    res["fwd_bwd"] = _time_reps(args.fb_reps, lambda: fb_c(state.params["policy"], seqs))
+    res["fwd_bwd"]["tokens_per_s"] = round(seqs.size / res["fwd_bwd"]["median_s"], 2)
+    log(f"[{tag}] policy fwd+bwd alone: {res['fwd_bwd']['median_s']:.3f} s -> "
+        f"{res['fwd_bwd']['tokens_per_s']:.1f} tok/s")
+    rss["micro"] = _rss_mib()
   measured = slice(args.warmup, None) if args.iters > args.warmup else slice(None)
   res.update(
       iter_times_s=[round(x, 4) for x in iters],
@@ -410,7 +417,8 @@ def summarize_ours(runs: list[dict], p: dict, peak, critic: str) -> dict:
       "phase_median_s": {k: round(median([r["phase_median_s"][k] for r in ok]), 4)
                          for k in ok[0]["phase_median_s"]},
       "episodes_per_s": round(p["batch"] / it, 3),
-      "compile_s": ok[0]["compile_s"], "max_rss_mib": max(r["max_rss_mib"] for r in ok),
+      "compile_s": ok[0]["compile_s"], "temp_mib": ok[0].get("temp_mib"),
+      "max_rss_mib": max(r["max_rss_mib"] for r in ok),
       "peak_rss_mib_after": [r["peak_rss_mib_after"] for r in ok],
       "metrics_finite": all(r["metrics_finite"] for r in ok),
       "achieved_gflops_executed": gflops(ex_f["per_iteration"]["total"], it),
