@@ -15,7 +15,8 @@ What is timed, in a process of its own per framework (so its max RSS is that fra
     `--warmup`; compile time (lower + compile, ahead of the first call) is reported on its own.
   * generation alone: B x R generated tokens / time (includes the prefill, as TRL's does).
   * policy forward + backward alone: jitted value_and_grad of the next-token LM loss on B x (P+R)
-    tokens, logits at every position (what TRL's `labels=ids` call does).
+    tokens, logits at the P+R-1 positions that have a next token (TRL's `labels=ids` call computes
+    all P+R and drops the last one in its loss).
 FLOPs: TRL's formula (matmul FLOPs of the workload, backward = 2 x forward) gives `mfu`, so the two
 frameworks' MFU compare; `mfu_executed` uses the FLOPs rlhf_jax's programs actually run (the LM
 head only on the R completion positions when scoring and training, attention over every slot of
@@ -115,7 +116,7 @@ def executed_flops(p: dict, critic: str) -> dict:
   per_iter = {"generation": b * gen, "ref_fwd": b * policy_fwd, "value_fwd": b * value_fwd,
               "reward_fwd": b * (backbone + 2 * d), "ppo_train_fwd_bwd": b * 3 * e * train_fwd}
   return {"per_iteration": dict(per_iter, total=sum(per_iter.values())),
-          "generation_batch": b * gen, "fwd_bwd_batch": 3 * b * (backbone + lm * t)}
+          "generation_batch": b * gen, "fwd_bwd_batch": 3 * b * (backbone + lm * (t - 1))}
 
 
 def gflops(flops, seconds):
@@ -235,8 +236,11 @@ def worker_ours(args, p: dict) -> dict:
                  values=values)
 
   def lm_loss(params, ids):
-    logits = nnx.merge(graphdef, params)(ids)
-    return -token_logprobs(logits[:, :-1], ids[:, 1:]).mean()
+    # The head on the T - 1 positions that have a next token, the ones the loss reads: computing
+    # the last position's logits too and slicing them off kept a second [B, T, V] buffer alive.
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model.decoder(ids)
+    return -token_logprobs(model.logits(hidden[:, :-1]), ids[:, 1:]).mean()
 
   rng = np.random.default_rng(args.seed + 10)
   prompts = jnp.asarray(rng.integers(FIRST_ID, v, (args.iters, b, pl), dtype=np.int32))
