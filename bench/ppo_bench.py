@@ -294,17 +294,21 @@ def worker_ours(args, p: dict) -> dict:
     log(f"[{tag}] iter {i + 1}/{args.iters}: {t4 - t0:7.3f} s  "
         + "  ".join(f"{k}={x:.3f}" for k, x in ph.items()))
   rss["ppo"] = _rss_mib()
-  # After the PPO iterations, so that `peak_rss_mib_after["ppo"]` is the peak of the PPO workload
-  # alone; the full-sequence fwd+bwd keeps [B, T, V] logits and their gradient.
+  # The micro-benchmarks come after the PPO iterations, so that `peak_rss_mib_after["ppo"]` is the
+  # PPO workload's own peak, and run with only the policy alive, as TRL's script runs them (before
+  # it builds its trainer): the value model, the reference, the reward model and the optimizer
+  # state are freed first.
+  policy_params = state.params["policy"]
+  del state, ref_params, reward_params, ro, scored
   if not args.skip_micro:
     res["generation"] = _time_reps(
-        args.gen_reps, lambda: gen_c(state.params["policy"], prompts[0], mask, key))
+        args.gen_reps, lambda: gen_c(policy_params, prompts[0], mask, key))
     res["generation"]["gen_tokens_per_s"] = round(b * r / res["generation"]["median_s"], 2)
     log(f"[{tag}] generation alone: {res['generation']['median_s']:.3f} s -> "
         f"{res['generation']['gen_tokens_per_s']:.1f} gen tok/s")
     seqs = jnp.asarray(rng.integers(FIRST_ID, v, (b, pl + r), dtype=np.int32))
-    fb_c = compile_("fwd_bwd", jax.jit(jax.value_and_grad(lm_loss)), state.params["policy"], seqs)
-    res["fwd_bwd"] = _time_reps(args.fb_reps, lambda: fb_c(state.params["policy"], seqs))
+    fb_c = compile_("fwd_bwd", jax.jit(jax.value_and_grad(lm_loss)), policy_params, seqs)
+    res["fwd_bwd"] = _time_reps(args.fb_reps, lambda: fb_c(policy_params, seqs))
     res["fwd_bwd"]["tokens_per_s"] = round(seqs.size / res["fwd_bwd"]["median_s"], 2)
     log(f"[{tag}] policy fwd+bwd alone: {res['fwd_bwd']['median_s']:.3f} s -> "
         f"{res['fwd_bwd']['tokens_per_s']:.1f} tok/s")
