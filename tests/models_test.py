@@ -12,6 +12,7 @@ import transformers
 from flax import nnx
 
 from rlhf_jax import models
+from rlhf_jax.models import transformer
 from rlhf_jax import sharding
 
 VOCAB = 97
@@ -92,6 +93,22 @@ def test_causal_lm_parity_and_roundtrip(family, tmp_path):
   models.save_pretrained(model, dst)
   back = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
   np.testing.assert_allclose(_torch_logits(back, ids, mask)[valid], want[valid], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_tied_head_matches_torch_on_both_sides_of_the_vocab_major_threshold(family, tmp_path):
+  # A tied head computes few rows (decode steps) vocabulary-major and many rows the usual way;
+  # the parity test above only reaches the first.
+  ref = _torch_model(family, scalar=False, path=str(tmp_path / "hf"))
+  model = models.from_pretrained(str(tmp_path / "hf"))
+  assert model.cfg.tie_word_embeddings
+  rng = np.random.default_rng(7)
+  t = 12
+  for rows in (transformer._VOCAB_MAJOR_MAX_ROWS, transformer._VOCAB_MAJOR_MAX_ROWS + t):
+    ids = rng.integers(3, VOCAB, (rows // t, t))
+    mask = np.ones_like(ids)
+    got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(got, _torch_logits(ref, ids, mask), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2"])
