@@ -31,6 +31,10 @@ class SamplingConfig:
     top_k: Keep the k most likely tokens (0: off).
     top_p: Nucleus sampling (Holtzman et al. 2020): keep the smallest set with mass >= top_p.
     greedy: Take the argmax instead of sampling.
+    decode_layout: "token_major" (activations [B, d]), "feature_major" (activations [d, B] and a
+      transposed copy of the blocks' weights, made once per rollout: see
+      `Decoder.feature_major_weights`) or "auto": feature-major on CPU only, where XLA runs the
+      decode step's few-row matmuls faster that way; accelerators would only pay the memory.
   """
   max_new_tokens: int
   eos_token_id: int | None
@@ -39,8 +43,12 @@ class SamplingConfig:
   top_k: int = 0
   top_p: float = 1.0
   greedy: bool = False
+  decode_layout: str = "auto"
 
   def __post_init__(self):
+    if self.decode_layout not in ("auto", "token_major", "feature_major"):
+      raise ValueError(f"decode_layout must be auto, token_major or feature_major, got "
+                       f"{self.decode_layout!r}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.eos_token_id == self.pad_token_id:
@@ -179,6 +187,10 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   # The last sampled token is never fed back, so the cache holds p + n - 1 positions.
   cache = init_cache(model.cfg, b, p + n - 1)
   logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1)
+  layout = cfg.decode_layout
+  if layout == "auto":
+    layout = "feature_major" if jax.default_backend() == "cpu" else "token_major"
+  weights_t = model.decoder.feature_major_weights() if layout == "feature_major" else None
 
   def emit(t, logits, tokens, logprobs, valid, done):
     """Samples token t from logits [B, V] into the buffers; rows already done get padding."""
@@ -202,7 +214,7 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
     t, tok, live, tokens, logprobs, valid, done, cache = carry
     # Rows that were already done feed padding that no later token may attend to.
     step_logits, cache = nnx.merge(graphdef, params)(
-        tok[:, None], attention_mask=live[:, None], cache=cache)
+        tok[:, None], attention_mask=live[:, None], cache=cache, feature_major_weights=weights_t)
     tok, live, tokens, logprobs, valid, done = emit(
         t, step_logits[:, 0], tokens, logprobs, valid, done)
     return t + 1, tok, live, tokens, logprobs, valid, done, cache

@@ -128,8 +128,9 @@ def test_sequence_classification_parity_and_roundtrip(family, tmp_path):
   np.testing.assert_allclose(_torch_logits(back, ids, mask)[:, 0], want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["token_major", "feature_major"])
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3"])
-def test_kv_cache_decode_matches_full_forward(family, tmp_path):
+def test_kv_cache_decode_matches_full_forward(family, layout, tmp_path):
   _torch_model(family, scalar=False, path=str(tmp_path))
   model = models.from_pretrained(str(tmp_path))
   graphdef, params = nnx.split(model)
@@ -148,7 +149,9 @@ def test_kv_cache_decode_matches_full_forward(family, tmp_path):
 
   @jax.jit
   def step(params, tok, cache):
-    return nnx.merge(graphdef, params)(tok[:, None], cache=cache)
+    m = nnx.merge(graphdef, params)
+    wt = m.decoder.feature_major_weights() if layout == "feature_major" else None
+    return m(tok[:, None], cache=cache, feature_major_weights=wt)
 
   logits, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask))
   valid = mask.astype(bool)
@@ -156,6 +159,17 @@ def test_kv_cache_decode_matches_full_forward(family, tmp_path):
   for t in range(new.shape[1]):
     logits, cache = step(params, jnp.asarray(new[:, t]), cache)
     np.testing.assert_allclose(np.asarray(logits)[:, 0], want[:, p + t], atol=1e-4)
+
+
+def test_feature_major_weights_only_for_one_token_cached_steps():
+  model = models.CausalLM(models.DecoderConfig(model_type="llama", vocab_size=VOCAB),
+                          rngs=nnx.Rngs(0))
+  wt = model.decoder.feature_major_weights()
+  ids = jnp.ones((2, 3), jnp.int32)
+  with pytest.raises(ValueError, match="one-token decode steps with a cache, got 3 tokens"):
+    model(ids, cache=models.init_cache(model.cfg, 2, 4), feature_major_weights=wt)
+  with pytest.raises(ValueError, match="got 1 tokens and no cache"):
+    model(ids[:, :1], feature_major_weights=wt)
 
 
 def test_left_padding_does_not_change_logits():

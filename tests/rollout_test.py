@@ -1,5 +1,6 @@
 """Tests for rlhf_jax.rollout against a cache-free greedy loop and NumPy sampling references."""
 
+import dataclasses
 import functools
 
 import jax
@@ -108,9 +109,11 @@ def _greedy_case(family: str) -> tuple[nnx.GraphDef, nnx.State, R.SamplingConfig
   return graphdef, params, cfg, _reference_greedy(forward, ids, mask, eos, TEMPERATURE)
 
 
+@pytest.mark.parametrize("layout", ["token_major", "feature_major"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_greedy_matches_cache_free_reference(family):
+def test_greedy_matches_cache_free_reference(family, layout):
   graphdef, params, cfg, (ref_tokens, ref_mask, ref_logprobs) = _greedy_case(family)
+  cfg = dataclasses.replace(cfg, decode_layout=layout)
   ids, mask = _prompts(P)
   out = _jit_rollout(graphdef, cfg)(params, ids, mask, jax.random.key(0))
   assert out.completion_ids.dtype == jnp.int32 and out.completion_mask.dtype == jnp.float32
@@ -232,6 +235,8 @@ def test_sampling_config_validation():
     R.SamplingConfig(max_new_tokens=4, eos_token_id=2, pad_token_id=0, temperature=0.0)
   with pytest.raises(ValueError, match="top_p"):
     R.SamplingConfig(max_new_tokens=4, eos_token_id=2, pad_token_id=0, top_p=0.0)
+  with pytest.raises(ValueError, match="decode_layout"):
+    R.SamplingConfig(max_new_tokens=4, eos_token_id=2, pad_token_id=0, decode_layout="rows")
 
 
 _FORWARD_CALLS: list[int] = []

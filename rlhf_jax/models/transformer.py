@@ -34,6 +34,27 @@ def _param(rngs: nnx.Rngs, init, shape, axes, dtype) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
 
 
+def _along(v: jax.Array, axis: int, ndim: int) -> jax.Array:
+  """A vector v [n] shaped to broadcast along `axis` of an ndim-rank array."""
+  shape = [1] * ndim
+  shape[axis] = -1
+  return v.reshape(shape)
+
+
+def _dense(x: jax.Array, w: jax.Array, bias: jax.Array | None, feature_major: bool) -> jax.Array:
+  """A linear layer: token-major x [..., in] @ w [in, out], or feature-major w [out, in] @ x [in, B].
+
+  Feature-major w is the transposed copy made once before a decode loop (see
+  `Decoder.feature_major_weights`). On 2 CPU cores XLA runs a matmul with 16-64 rows 1.5-2.5x
+  slower as x @ w than as w^T @ x^T with w^T stored (GPT-2 124M's MLP on 16 rows: 3.0 against 1.5
+  ms), and a decode step is made of such matmuls.
+  """
+  y = w @ x if feature_major else x @ w.astype(x.dtype)
+  if bias is None:
+    return y
+  return y + _along(bias.astype(x.dtype), 0 if feature_major else -1, y.ndim)
+
+
 @flax.struct.dataclass
 class KVCache:
   """Fixed-size decode cache.
@@ -116,15 +137,17 @@ class Norm(nnx.Module):
     if cfg.norm == "layernorm":
       self.bias = nnx.Param(jnp.zeros((dim,), cfg.weight_dtype), axes=axes)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, axis: int = -1) -> jax.Array:
+    """Normalises x over its feature axis `axis` (0 for feature-major activations [d, B])."""
     dtype = x.dtype
     x = x.astype(jnp.float32)
+    scale = _along(self.scale[...].astype(jnp.float32), axis, x.ndim)
     if self.kind == "layernorm":
-      x = x - x.mean(-1, keepdims=True)
-      y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
-      return (y * self.scale[...] + self.bias[...]).astype(dtype)
-    y = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps)
-    return (self.scale[...].astype(jnp.float32) * y).astype(dtype)
+      x = x - x.mean(axis, keepdims=True)
+      y = x * jax.lax.rsqrt((x * x).mean(axis, keepdims=True) + self.eps)
+      return (y * scale + _along(self.bias[...], axis, x.ndim)).astype(dtype)
+    y = x * jax.lax.rsqrt((x * x).mean(axis, keepdims=True) + self.eps)
+    return (scale * y).astype(dtype)
 
 
 class Attention(nnx.Module):
@@ -148,25 +171,37 @@ class Attention(nnx.Module):
       self.q_norm = Norm(cfg, hd, ("head_dim",), rngs=rngs)
       self.k_norm = Norm(cfg, hd, ("head_dim",), rngs=rngs)
 
-  def _proj(self, x, name):
-    """x [B,T,d] -> heads [B,H,T,D].
+  def _proj(self, x, name, wt):
+    """x -> heads [B,H,T,D]: token-major x [B,T,d], or feature-major x [d,B] (T = 1) with wt.
 
-    A token-major matmul against the [d, H*D] view of the weight, then a transpose to head-major:
-    XLA:CPU computed the direct head-major einsum transposed, with copies of its input (in the
-    tiny benchmark's prefill, 4-6 ms per projection against 3 ms).
+    Token-major is a matmul against the [d, H*D] view of the weight, then a transpose to
+    head-major: XLA:CPU computed the direct head-major einsum transposed, with copies of its input
+    (in the tiny benchmark's prefill, 4-6 ms per projection against 3 ms).
     """
-    b, t, _ = x.shape
     w = getattr(self, name)[...]
     heads, hd = w.shape[1:]
-    y = x @ w.reshape(w.shape[0], heads * hd).astype(x.dtype)
-    if self.cfg.qkv_bias:
-      y = y + getattr(self, f"{name}_bias")[...].reshape(heads * hd).astype(x.dtype)
+    bias = getattr(self, f"{name}_bias")[...].reshape(heads * hd) if self.cfg.qkv_bias else None
+    if wt is not None:
+      return _dense(x, wt[name], bias, feature_major=True).T.reshape(-1, heads, 1, hd)
+    b, t, _ = x.shape
+    y = _dense(x, w.reshape(w.shape[0], heads * hd), bias, feature_major=False)
     return y.reshape(b, t, heads, hd).transpose(0, 2, 1, 3)
 
-  def __call__(self, x, positions, key_mask, layer_cache, index):
-    """x [B,T,d]; key_mask [B,S]; layer_cache (k, v) buffers [B,KV,S,D] or None (then S == T)."""
+  def feature_major_weights(self, dtype) -> dict[str, jax.Array]:
+    """The projections as [out, in] matrices, for a feature-major decode step."""
+    d = self.cfg.hidden_size
+    w = {n: getattr(self, n)[...].reshape(d, -1).T.astype(dtype) for n in ("q", "k", "v")}
+    w["o"] = self.o[...].reshape(-1, d).T.astype(dtype)
+    return w
+
+  def __call__(self, x, positions, key_mask, layer_cache, index, wt=None):
+    """x [B,T,d]; key_mask [B,S]; layer_cache (k, v) buffers [B,KV,S,D] or None (then S == T).
+
+    With wt (`feature_major_weights`), a one-token decode step on feature-major x [d, B], which
+    returns [d, B].
+    """
     cfg = self.cfg
-    q, k, v = self._proj(x, "q"), self._proj(x, "k"), self._proj(x, "v")
+    q, k, v = self._proj(x, "q", wt), self._proj(x, "k", wt), self._proj(x, "v", wt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if cfg.positions == "rope":
@@ -191,10 +226,11 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, hd).astype(x.dtype)
+    bias = self.o_bias[...] if cfg.out_bias else None
+    if wt is not None:
+      return _dense(out.reshape(b, h * hd).T, wt["o"], bias, feature_major=True), new_cache
     y = jnp.einsum("bhtk,hkd->btd", out, self.o[...].astype(x.dtype))
-    if cfg.out_bias:
-      y = y + self.o_bias[...].astype(x.dtype)
-    return y, new_cache
+    return (y if bias is None else y + bias.astype(x.dtype)), new_cache
 
 
 class MLP(nnx.Module):
@@ -214,20 +250,26 @@ class MLP(nnx.Module):
       if cfg.gated_mlp:
         self.gate_bias = nnx.Param(jnp.zeros((f,), wd), axes=("mlp",))
 
-  def _dense(self, x, name):
-    y = x @ getattr(self, name)[...].astype(x.dtype)
-    if self.cfg.mlp_bias:
-      y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
-    return y
+  def _dense(self, x, name, wt):
+    bias = getattr(self, f"{name}_bias")[...] if self.cfg.mlp_bias else None
+    if wt is None:
+      return _dense(x, getattr(self, name)[...], bias, feature_major=False)
+    return _dense(x, wt[name], bias, feature_major=True)
 
-  def __call__(self, x):
+  def feature_major_weights(self, dtype) -> dict[str, jax.Array]:
+    """The matrices as [out, in], for a feature-major decode step."""
+    names = ("gate", "up", "down") if self.cfg.gated_mlp else ("up", "down")
+    return {n: getattr(self, n)[...].T.astype(dtype) for n in names}
+
+  def __call__(self, x, wt=None):
+    """x [..., d] -> [..., d]; with wt (`feature_major_weights`), x [d, B] -> [d, B]."""
     act = {"silu": jax.nn.silu, "gelu": lambda z: jax.nn.gelu(z, approximate=False),
            "gelu_new": lambda z: jax.nn.gelu(z, approximate=True)}[self.cfg.activation]
     if self.cfg.gated_mlp:
-      hidden = act(self._dense(x, "gate")) * self._dense(x, "up")
+      hidden = act(self._dense(x, "gate", wt)) * self._dense(x, "up", wt)
     else:
-      hidden = act(self._dense(x, "up"))
-    return self._dense(hidden, "down")
+      hidden = act(self._dense(x, "up", wt))
+    return self._dense(hidden, "down", wt)
 
 
 class Block(nnx.Module):
@@ -239,10 +281,17 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg, cfg.hidden_size, ("embed",), rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, key_mask, layer_cache, index):
-    y, layer_cache = self.attn(self.attn_norm(x), positions, key_mask, layer_cache, index)
+  def feature_major_weights(self, dtype) -> dict[str, dict[str, jax.Array]]:
+    return {"attn": self.attn.feature_major_weights(dtype),
+            "mlp": self.mlp.feature_major_weights(dtype)}
+
+  def __call__(self, x, positions, key_mask, layer_cache, index, wt=None):
+    """Token-major x [B,T,d], or with wt (`feature_major_weights`) a decode step on x [d,B]."""
+    axis = -1 if wt is None else 0
+    y, layer_cache = self.attn(self.attn_norm(x, axis), positions, key_mask, layer_cache, index,
+                               None if wt is None else wt["attn"])
     x = x + y
-    return x + self.mlp(self.mlp_norm(x)), layer_cache
+    return x + self.mlp(self.mlp_norm(x, axis), None if wt is None else wt["mlp"]), layer_cache
 
 
 class Decoder(nnx.Module):
@@ -258,7 +307,17 @@ class Decoder(nnx.Module):
     self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg, cfg.hidden_size, ("embed",), rngs=rngs)
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None):
+  def feature_major_weights(self) -> tuple[dict, ...]:
+    """Per block, transposed ([out, in]) copies of its matrices, for feature-major decode steps.
+
+    Made once before a decode loop (XLA does not hoist a transpose out of a while loop): they
+    take as much memory as the blocks' weights, so this is a layout for CPUs, where it makes
+    the 16-64-row matmuls of a decode step fast, not for accelerators.
+    """
+    return tuple(block.feature_major_weights(self.cfg.compute_dtype) for block in self.layers)
+
+  def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+               feature_major_weights=None):
     """Returns (hidden [B,T,d], cache or None).
 
     Args:
@@ -266,9 +325,15 @@ class Decoder(nnx.Module):
       attention_mask: [B, T], 1 on real tokens (left padding allowed); all ones if None.
       positions: [B, T] position ids; derived from the mask (and the cache's `pos`) if None.
       cache: a KVCache to append these T tokens to, or None for a plain forward.
+      feature_major_weights: from `feature_major_weights()`, for a one-token step with a cache:
+        the blocks then run on feature-major activations [d, B] (same result, other layout).
     """
     cfg = self.cfg
     b, t = input_ids.shape
+    fm = feature_major_weights
+    if fm is not None and (t != 1 or cache is None):
+      raise ValueError(f"feature-major weights are for one-token decode steps with a cache, got "
+                       f"{t} tokens{'' if cache is not None else ' and no cache'}")
     mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
     if positions is None:
       positions = positions_from_mask(mask)
@@ -282,14 +347,20 @@ class Decoder(nnx.Module):
     else:
       index = cache.index
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
+    if fm is not None:
+      x = x[:, 0].T
     new_k, new_v = [], []
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_cache = block(x, positions, key_mask, layer_cache, index)
+      x, layer_cache = block(x, positions, key_mask, layer_cache, index,
+                             None if fm is None else fm[i])
       if cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])
-    x = self.final_norm(x)
+    if fm is not None:
+      x = self.final_norm(x, axis=0).T[:, None]
+    else:
+      x = self.final_norm(x)
     if cache is None:
       return x, None
     return x, KVCache(k=tuple(new_k), v=tuple(new_v), mask=key_mask,
@@ -323,13 +394,15 @@ class CausalLM(nnx.Module):
     return out.astype(jnp.float32)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
-               logits_to_keep: int = 0):
+               logits_to_keep: int = 0, feature_major_weights=None):
     """Logits [B,T,V]; with a cache, (logits, new_cache).
 
     logits_to_keep: k > 0 keeps only the last k positions' logits ([B,k,V]), as in transformers; a
       prefill needs just the last one, and the LM head is the largest matmul of a small model.
+    feature_major_weights: see `Decoder.__call__`.
     """
-    hidden, new_cache = self.decoder(input_ids, attention_mask, positions, cache)
+    hidden, new_cache = self.decoder(input_ids, attention_mask, positions, cache,
+                                     feature_major_weights)
     logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
     return logits if cache is None else (logits, new_cache)
 
