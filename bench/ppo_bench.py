@@ -622,7 +622,13 @@ def parse_args(argv=None):
   ap.add_argument("--worker", choices=("ours", "peak"), default=None, help=argparse.SUPPRESS)
   ap.add_argument("--critic", choices=("separate", "shared"), default="separate",
                   help=argparse.SUPPRESS)
-  return ap.parse_args(argv)
+  args = ap.parse_args(argv)
+  for name in ("iters", "gen_reps", "fb_reps", "rounds", "peak_reps"):
+    if getattr(args, name) < 1:
+      ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  if args.warmup < 0:
+    ap.error(f"--warmup must be >= 0, got {args.warmup}")
+  return args
 
 
 def main(argv=None) -> int:

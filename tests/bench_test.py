@@ -62,3 +62,11 @@ def test_shrunk_run_prints_one_json_line(tmp_path):
   assert 0 < ours["mfu"] < 1 and ours["max_rss_mib"] > 0
   assert set(ours["peak_rss_mib_after"][0]) == {"built", "compiled", "ppo"}
   assert "trl" not in res
+
+
+@pytest.mark.parametrize("flag,value", [("--iters", "0"), ("--warmup", "-1"), ("--rounds", "0")])
+def test_counts_out_of_range_are_refused(bench, flag, value, capsys):
+  with pytest.raises(SystemExit) as exc:
+    bench.parse_args([flag, value])
+  assert exc.value.code == 2
+  assert f"{flag} must be" in capsys.readouterr().err
