@@ -161,6 +161,7 @@ def ppo_trainer_config(config) -> PPOTrainerConfig:
   return PPOTrainerConfig(
       batch_size=p.batch_size, group_size=p.group_size, max_prompt_len=p.max_prompt_len,
       max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+      decode_layout=p.decode_layout,
       max_steps=p.max_steps, reward_threshold=p.reward_threshold, eval_every=p.eval_every,
       num_eval_prompts=p.num_eval_prompts, normalize_reward=p.normalize_reward,
       missing_eos_penalty=p.missing_eos_penalty, whiten_scores=p.whiten_scores,
@@ -211,6 +212,7 @@ def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
 
 def run_all(config, workdir: str) -> dict:
   """SFT -> reward model -> PPO, skipping stages whose checkpoint the config provides."""
+  ppo_trainer_config(config)  # a bad PPO setting fails here, before SFT and reward training
   paths = Paths(workdir)
   os.makedirs(workdir, exist_ok=True)
   prepare_default_task(config, paths)

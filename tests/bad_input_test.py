@@ -103,6 +103,11 @@ CASES = [
      "unknown config variant 'nosuch'"),
     ("unknown_policy_loss", lambda t, i: {"ppo.policy_loss": "nope"}, "nope"),
     ("indivisible_minibatches", lambda t, i: {"ppo.num_minibatches": 3}, "not divisible"),
+    # No policy or reward given: the bad setting must fail before SFT and reward training write.
+    ("bad_decode_layout_before_sft", lambda t, i: {"policy_path": "", "reward_path": "",
+                                                   "ppo.decode_layout": "rows"},
+     "decode_layout must be auto, token_major or feature_major, got 'rows'"),
+    ("zero_temperature", lambda t, i: {"ppo.temperature": 0.0}, "temperature must be > 0"),
     ("mesh_vs_devices", lambda t, i: {"mesh_shape": "(3,1,1)"}, "needs 3 devices, but 8 are available"),
     ("sft_example_without_completion", lambda t, i: {"sft_data": _write(
         t / "sft.jsonl", '{"prompt": "good"}\n')}, "'completion'"),

@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       label_temperature=0.1))
   c.ppo = config_dict.ConfigDict(dict(
       num_prompts=4096, batch_size=64, group_size=1, max_prompt_len=12, max_new_tokens=12,
-      temperature=1.0, top_k=0, top_p=1.0, max_steps=60,
+      temperature=1.0, top_k=0, top_p=1.0, decode_layout="auto", max_steps=60,
       reward_threshold=config_dict.placeholder(float), eval_every=10, num_eval_prompts=128,
       normalize_reward=True, missing_eos_penalty=1.0, whiten_scores=False,
       policy_loss="ppo", clip_eps=0.2, value_loss="clipped", value_clip_eps=0.2,

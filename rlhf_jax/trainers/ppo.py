@@ -37,6 +37,8 @@ class PPOTrainerConfig:
     max_prompt_len: Prompts are left-padded / left-truncated to this many tokens.
     max_new_tokens: Completion length budget.
     temperature, top_k, top_p: Sampling.
+    decode_layout: Activation layout of decode steps (see `rollout.SamplingConfig`); a layout,
+      not a result, so a run may resume under another.
     max_steps: Iteration budget.
     reward_threshold: Stop once the evaluated mean reward-model score (raw units) reaches this.
     eval_every: Iterations between evaluations on held-out prompts (0: only at the end).
@@ -62,6 +64,7 @@ class PPOTrainerConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  decode_layout: str = "auto"
   max_steps: int = 20_000
   reward_threshold: float | None = None
   eval_every: int = 10
@@ -79,6 +82,11 @@ class PPOTrainerConfig:
   optim: OptimConfig = OptimConfig()
 
   def __post_init__(self):
+    # The sampling fields are checked now, not when the trainer is built after SFT and reward
+    # training; the tokens are the tokenizer's and are checked then.
+    SamplingConfig(max_new_tokens=self.max_new_tokens, eos_token_id=None, pad_token_id=0,
+                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                   decode_layout=self.decode_layout)
     if self.ppo.advantage.group_size != self.group_size:
       raise ValueError(f"ppo.advantage.group_size={self.ppo.advantage.group_size} must equal "
                        f"group_size={self.group_size}")
@@ -127,7 +135,7 @@ class PPOTrainer:
     self.sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p)
+        top_p=cfg.top_p, decode_layout=cfg.decode_layout)
     self.score_cfg = ScoreConfig(
         eos_token_id=tokenizer.eos_token_id, temperature=cfg.temperature, kl=cfg.ppo.kl,
         missing_eos_penalty=cfg.missing_eos_penalty, whiten_scores=cfg.whiten_scores)
