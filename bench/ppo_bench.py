@@ -99,9 +99,11 @@ def executed_flops(p: dict, critic: str) -> dict:
 
   Differences from `trl_flops`: attention scores every key slot of the buffer (4 L d T S per
   sequence, masked afterwards, S = T); scoring and training apply the LM head to the R positions
-  that predict completion tokens only; the reward head reads one position; generation is a
-  prefill with the LM head at its last position, then R - 1 decode steps, attending over a cache
-  of S = T - 1 slots. A shared critic reuses the policy trunk: no value backbone in training.
+  that predict completion tokens only, and their last block computes queries, attention and MLP
+  (20 d^2 + 4 d S per row) for those R rows only; the reward head reads one position; generation
+  is a prefill with the LM head and the last block's queries at its last position, then R - 1
+  decode steps, attending over a cache of S = T - 1 slots. A shared critic reuses the policy
+  trunk: no value backbone in training.
   """
   l, d, v = p["n_layer"], p["n_embd"], p["vocab"]
   pl, r, b, e = p["prompt_len"], p["response_len"], p["batch"], p["ppo_epochs"]
@@ -109,9 +111,11 @@ def executed_flops(p: dict, critic: str) -> dict:
   dense = 24 * l * d * d
   lm = 2 * d * v
   backbone = dense * t + 4 * l * d * t * t
-  gen = dense * (t - 1) + lm * r + 4 * l * d * (t - 1) * (t - 1)
-  policy_fwd = backbone + lm * r
-  value_fwd = backbone + 2 * d * r
+  gen = (dense * (t - 1) + lm * r + 4 * l * d * (t - 1) * (t - 1)
+         - (20 * d * d + 4 * d * (t - 1)) * (pl - 1))
+  kept = backbone - (20 * d * d + 4 * d * t) * (t - r)
+  policy_fwd = kept + lm * r
+  value_fwd = kept + 2 * d * r
   train_fwd = policy_fwd + (value_fwd if critic == "separate" else 2 * d * r)
   per_iter = {"generation": b * gen, "ref_fwd": b * policy_fwd, "value_fwd": b * value_fwd,
               "reward_fwd": b * (backbone + 2 * d), "ppo_train_fwd_bwd": b * 3 * e * train_fwd}

@@ -94,8 +94,9 @@ def completion_hidden(model, rollout: Rollout) -> jax.Array:
   Position P-1+t (the last prompt token, then each completion token) predicts completion token t.
   """
   p, n = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
-  hidden, _ = model.decoder(rollout.sequences, attention_mask=rollout.sequence_mask)
-  return hidden[:, p - 1:p + n - 1]
+  hidden, _ = model.decoder(rollout.sequences, attention_mask=rollout.sequence_mask,
+                            keep=(p - 1, p + n - 1))
+  return hidden
 
 
 def completion_logprobs(graphdef: nnx.GraphDef, params: nnx.State, rollout: Rollout,

@@ -1,5 +1,6 @@
 """Parity of our decoder families with transformers (PyTorch) on tiny random checkpoints."""
 
+import functools
 import json
 import os
 
@@ -166,10 +167,40 @@ def test_feature_major_weights_only_for_one_token_cached_steps():
                           rngs=nnx.Rngs(0))
   wt = model.decoder.feature_major_weights()
   ids = jnp.ones((2, 3), jnp.int32)
-  with pytest.raises(ValueError, match="one-token decode steps with a cache, got 3 tokens"):
+  with pytest.raises(ValueError, match="one-token decode steps with a cache and no keep, got 3 "):
     model(ids, cache=models.init_cache(model.cfg, 2, 4), feature_major_weights=wt)
-  with pytest.raises(ValueError, match="got 1 tokens and no cache"):
+  with pytest.raises(ValueError, match="got 1 tokens, no cache"):
     model(ids[:, :1], feature_major_weights=wt)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3"])
+def test_keep_equals_the_slice_of_the_full_forward(family, tmp_path):
+  _torch_model(family, scalar=False, path=str(tmp_path))
+  model = models.from_pretrained(str(tmp_path))
+  graphdef, params = nnx.split(model.decoder)
+  ids, mask = map(jnp.asarray, _left_padded_batch(np.random.default_rng(5)))
+  t = ids.shape[1]
+  cache = models.init_cache(model.cfg, ids.shape[0], t + 2)
+
+  @functools.partial(jax.jit, static_argnames=("keep", "cached"))
+  def decoder(keep=None, cached=False):
+    return nnx.merge(graphdef, params)(ids, attention_mask=mask, cache=cache if cached else None,
+                                       keep=keep)
+
+  full, _ = decoder()
+  for start, stop in [(0, t), (2, 5), (t - 1, t)]:
+    kept, _ = decoder(keep=(start, stop))
+    assert kept.shape == (ids.shape[0], stop - start, model.cfg.hidden_size)
+    np.testing.assert_allclose(kept, full[:, start:stop], atol=2e-5, rtol=0)
+  # With a cache (a prefill): the same rows, and a cache that is filled at every position.
+  kept, kept_cache = decoder(keep=(t - 1, t), cached=True)
+  _, full_cache = decoder(cached=True)
+  np.testing.assert_allclose(kept, full[:, t - 1:], atol=2e-5, rtol=0)
+  for got, want in zip(jax.tree.leaves(kept_cache), jax.tree.leaves(full_cache)):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  for bad in [(3, 3), (-1, 2), (0, t + 1)]:
+    with pytest.raises(ValueError, match=rf"keep=\({bad[0]}, {bad[1]}\) is not a non-empty range"):
+      decoder(keep=bad)
 
 
 def test_left_padding_does_not_change_logits():

@@ -194,19 +194,25 @@ class Attention(nnx.Module):
     w["o"] = self.o[...].reshape(-1, d).T.astype(dtype)
     return w
 
-  def __call__(self, x, positions, key_mask, layer_cache, index, wt=None):
+  def __call__(self, x, positions, key_mask, layer_cache, index, wt=None, keep=None):
     """x [B,T,d]; key_mask [B,S]; layer_cache (k, v) buffers [B,KV,S,D] or None (then S == T).
 
     With wt (`feature_major_weights`), a one-token decode step on feature-major x [d, B], which
-    returns [d, B].
+    returns [d, B]. With keep = (start, stop), only the queries of positions start..stop-1 are
+    computed (keys and values still cover all T), and the output is [B, stop - start, d].
     """
     cfg = self.cfg
-    q, k, v = self._proj(x, "q", wt), self._proj(x, "k", wt), self._proj(x, "v", wt)
+    start, x_q, q_positions = 0, x, positions
+    if keep is not None:
+      start, stop = keep
+      x_q, q_positions = x[:, start:stop], positions[:, start:stop]
+    q = self._proj(x_q, "q", wt)
+    k, v = self._proj(x, "k", wt), self._proj(x, "v", wt)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if cfg.positions == "rope":
       inv_freq = rope_inv_freq(cfg)  # a trace-time constant
-      q = apply_rope(q, positions, inv_freq)
+      q = apply_rope(q, q_positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
     if layer_cache is not None:
       ck, cv = layer_cache
@@ -221,7 +227,7 @@ class Attention(nnx.Module):
     q = q.reshape(b, kvh, h // kvh, t, hd)
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
     scores = scores / math.sqrt(hd)
-    q_slot = index + jnp.arange(t)
+    q_slot = index + start + jnp.arange(t)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -285,11 +291,16 @@ class Block(nnx.Module):
     return {"attn": self.attn.feature_major_weights(dtype),
             "mlp": self.mlp.feature_major_weights(dtype)}
 
-  def __call__(self, x, positions, key_mask, layer_cache, index, wt=None):
-    """Token-major x [B,T,d], or with wt (`feature_major_weights`) a decode step on x [d,B]."""
+  def __call__(self, x, positions, key_mask, layer_cache, index, wt=None, keep=None):
+    """Token-major x [B,T,d], or with wt (`feature_major_weights`) a decode step on x [d,B].
+
+    keep = (start, stop): the block's output only at those positions (see `Decoder.__call__`).
+    """
     axis = -1 if wt is None else 0
     y, layer_cache = self.attn(self.attn_norm(x, axis), positions, key_mask, layer_cache, index,
-                               None if wt is None else wt["attn"])
+                               None if wt is None else wt["attn"], keep)
+    if keep is not None:
+      x = x[:, keep[0]:keep[1]]
     x = x + y
     return x + self.mlp(self.mlp_norm(x, axis), None if wt is None else wt["mlp"]), layer_cache
 
@@ -317,7 +328,7 @@ class Decoder(nnx.Module):
     return tuple(block.feature_major_weights(self.cfg.compute_dtype) for block in self.layers)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-               feature_major_weights=None):
+               feature_major_weights=None, keep: tuple[int, int] | None = None):
     """Returns (hidden [B,T,d], cache or None).
 
     Args:
@@ -327,13 +338,20 @@ class Decoder(nnx.Module):
       cache: a KVCache to append these T tokens to, or None for a plain forward.
       feature_major_weights: from `feature_major_weights()`, for a one-token step with a cache:
         the blocks then run on feature-major activations [d, B] (same result, other layout).
+      keep: (start, stop): only the hidden states of positions start..stop-1 are wanted
+        ([B, stop - start, d]). The last block then computes its queries, attention and MLP for
+        those rows only; its keys and values (and the cache) still cover every position. A loss
+        on the completion, a critic or a prefill reads no other rows.
     """
     cfg = self.cfg
     b, t = input_ids.shape
     fm = feature_major_weights
-    if fm is not None and (t != 1 or cache is None):
-      raise ValueError(f"feature-major weights are for one-token decode steps with a cache, got "
-                       f"{t} tokens{'' if cache is not None else ' and no cache'}")
+    if fm is not None and (t != 1 or cache is None or keep is not None):
+      raise ValueError(f"feature-major weights are for one-token decode steps with a cache and "
+                       f"no keep, got {t} tokens{'' if cache is not None else ', no cache'}"
+                       f"{'' if keep is None else ', keep=' + str(keep)}")
+    if keep is not None and not 0 <= keep[0] < keep[1] <= t:
+      raise ValueError(f"keep={keep} is not a non-empty range of the {t} positions")
     mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
     if positions is None:
       positions = positions_from_mask(mask)
@@ -353,7 +371,8 @@ class Decoder(nnx.Module):
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
       x, layer_cache = block(x, positions, key_mask, layer_cache, index,
-                             None if fm is None else fm[i])
+                             None if fm is None else fm[i],
+                             keep if i == len(self.layers) - 1 else None)
       if cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])
@@ -401,9 +420,11 @@ class CausalLM(nnx.Module):
       prefill needs just the last one, and the LM head is the largest matmul of a small model.
     feature_major_weights: see `Decoder.__call__`.
     """
+    t = input_ids.shape[1]
     hidden, new_cache = self.decoder(input_ids, attention_mask, positions, cache,
-                                     feature_major_weights)
-    logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+                                     feature_major_weights,
+                                     (max(t - logits_to_keep, 0), t) if logits_to_keep else None)
+    logits = self.logits(hidden)
     return logits if cache is None else (logits, new_cache)
 
 
