@@ -55,6 +55,33 @@ def _dense(x: jax.Array, w: jax.Array, bias: jax.Array | None, feature_major: bo
   return y + _along(bias.astype(x.dtype), 0 if feature_major else -1, y.ndim)
 
 
+@jax.custom_vjp
+def _grad_fusion_boundary(x: jax.Array) -> jax.Array:
+  """Identity; under differentiation its cotangent is computed once, into a buffer of its own.
+
+  A block's output gradient is a sum over the contributions of every later block. XLA:CPU fuses
+  that sum into each op that reads it (among them the transposes feeding the weight-gradient
+  dots) instead of writing it once, so with L blocks it recomputes O(L^2) terms: up to 46-operand
+  fusions in GPT-2 124M's backward. An `optimization_barrier` does not stop this (XLA:CPU expands
+  it before fusion); a conditional is a fusion boundary XLA keeps. Its predicate is true unless
+  the gradient's first element is NaN, and both branches return the gradient's values.
+  """
+  return x
+
+
+def _grad_fusion_boundary_fwd(x):
+  return x, None
+
+
+def _grad_fusion_boundary_bwd(_, g):
+  first = g.reshape(-1)[0]
+  # The branches differ, or XLA would fold the conditional away: g + 0 g is g for finite g.
+  return (jax.lax.cond(first == first, lambda g: g, lambda g: g + 0.0 * g, g),)
+
+
+_grad_fusion_boundary.defvjp(_grad_fusion_boundary_fwd, _grad_fusion_boundary_bwd)
+
+
 @flax.struct.dataclass
 class KVCache:
   """Fixed-size decode cache.
@@ -368,11 +395,16 @@ class Decoder(nnx.Module):
     if fm is not None:
       x = x[:, 0].T
     new_k, new_v = [], []
+    # Only for XLA:CPU's fusion (see `_grad_fusion_boundary`): elsewhere a conditional costs a
+    # device-to-host copy of its predicate.
+    grad_boundaries = cache is None and jax.default_backend() == "cpu"
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else (cache.k[i], cache.v[i])
       x, layer_cache = block(x, positions, key_mask, layer_cache, index,
                              None if fm is None else fm[i],
                              keep if i == len(self.layers) - 1 else None)
+      if grad_boundaries:
+        x = _grad_fusion_boundary(x)
       if cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])
