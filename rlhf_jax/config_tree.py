@@ -8,9 +8,11 @@ dataclass instance as a ConfigDict tree with the same field names, so every fiel
 
 How a field's type hint shapes its ConfigDict entry, so that config_flags picks a parser for it:
   nested dataclass       -> nested ConfigDict (`--config.a.b=...` reaches its fields)
-  `T | None` set to None -> `placeholder(T)`: typed, so `--config.a.x=0.3` parses as T
-  `A | B [| None]`       -> a FieldReference of type object: the flag is read as a Python literal
-                            (`--config.model.eos_token_id='(2, 3)'` or `=2`) and the hint checked here
+  `T | None` set to None -> `placeholder(T)`: typed, so `--config.a.x=0.3` parses as T (a
+                            set value cannot be reset to None from the command line)
+  `A | B [| None]`, Any  -> a FieldReference of type object: the flag is read as a Python
+                            literal (`--config.model.eos_token_id='(2, 3)'`, `=2`, `=None`) and
+                            checked against the hint here
   `float` holding an int -> the float, so a fractional override parses
   anything else          -> the value itself (tuples stay tuples: `--config.mesh_shape='(2,2,2)'`)
 """

@@ -2,12 +2,14 @@
 (absl FlagValues + ml_collections config_flags, locked config, argv parsed as the mains do)."""
 
 import dataclasses
+import typing
 from typing import Any
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from experiments.configs import default as default_config
 from rlhf_jax.config_tree import from_config_dict, to_config_dict
 
 
@@ -111,3 +113,89 @@ def _with(tree: dict, path: str, value) -> dict:
     node = node[p]
   node[leaf] = value
   return tree
+
+
+# --- the experiment config: every field of every stage from the command line -------------------
+
+# Values for fields whose type alone does not give a valid non-default one (names, dtypes, ids
+# that must differ); every other leaf gets one from its type (see `_changed`).
+EXPLICIT = {
+    "task.name": "", "mesh_shape": (2, 2, 2), "model.model_type": "qwen2",
+    "model.norm": "layernorm", "model.activation": "gelu", "model.positions": "learned",
+    "model.rope_scaling": (("rope_type", "linear"), ("factor", 2.0)),
+    "model.eos_token_id": (5, 6), "model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
+    "ppo.sampling.decode_layout": "token_major", "ppo.sampling.eos_token_id": 3,
+    "ppo.sampling.pad_token_id": 4, "ppo.policy_loss.name": "grpo",
+    "ppo.value_loss.name": "mse", "ppo.advantage.estimator": "rloo", "ppo.kl.estimator": "k3",
+    "ppo.kl.controller": "adaptive", "ppo.critic": "shared", "sft.optim.schedule": "linear",
+    "reward.optim.schedule": "linear", "ppo.optim.schedule": "linear",
+}
+
+
+def _leaves(obj, prefix: str = ""):
+  """(dotted path, value) of every non-dataclass field, depth first."""
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if dataclasses.is_dataclass(value):
+      yield from _leaves(value, f"{prefix}{f.name}.")
+    else:
+      yield f"{prefix}{f.name}", value
+
+
+def _changed(path: str, value, hint):
+  """A valid value other than `value` for the field `path` of type `hint`."""
+  if path in EXPLICIT:
+    return EXPLICIT[path]
+  base = next(a for a in (typing.get_args(hint) or (hint,)) if a is not type(None))
+  if base is bool:
+    return not value
+  if base is int:
+    return 2 * value if value else 7            # doubles keep divisibility constraints
+  if base is float:
+    return value / 2 if value else 0.25         # inside [0, 1] whenever the default is
+  if base is str:
+    return f"{value}_x" if value else "/some/path"
+  raise AssertionError(f"no changed value for {path}: {hint} (add it to EXPLICIT)")
+
+
+def _hint(cls, path: str):
+  *parents, leaf = path.split(".")
+  for p in parents:
+    cls = typing.get_type_hints(cls)[p]
+  return typing.get_type_hints(cls)[leaf]
+
+
+def _flag(path: str, value) -> str:
+  if isinstance(value, bool):
+    return f"--{'' if value else 'no'}config.{path}"
+  return f"--config.{path}={value!r}" if isinstance(value, tuple) else f"--config.{path}={value}"
+
+
+def test_every_experiment_field_is_set_from_its_flag():
+  """Every leaf of `ExperimentConfig` (all stages, nested at any depth), changed at once through
+  `--config.a.b=c` on the real flag parser, reads back in the built dataclasses."""
+  from experiments import common
+  from rlhf_jax.pipeline import ExperimentConfig
+  base = from_config_dict(ExperimentConfig, default_config.get_config("default"))
+  want = {path: _changed(path, value, _hint(ExperimentConfig, path))
+          for path, value in _leaves(base)}
+  assert len(want) > 100 and all(want[p] != v for p, v in _leaves(base)), "a value did not change"
+  argv = ["prog", f"--config={common.DEFAULT_CONFIG}", *(_flag(p, v) for p, v in want.items())]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  got = dict(_leaves(from_config_dict(ExperimentConfig, fv.config)))
+  assert got.keys() == want.keys()
+  wrong = {p: (got[p], v) for p, v in want.items() if got[p] != v}
+  assert not wrong, wrong
+
+
+def test_variants_build():
+  from rlhf_jax.pipeline import ExperimentConfig
+  smoke, grpo = (from_config_dict(ExperimentConfig, default_config.get_config(v))
+                 for v in ("smoke", "grpo"))
+  assert smoke.ppo.max_steps == 3 and smoke.task.num_sft == 256
+  assert grpo.ppo.advantage.estimator == "grpo" and grpo.ppo.critic == "none"
+  with pytest.raises(ValueError, match="unknown config variant 'nosuch'"):
+    default_config.get_config("nosuch")
