@@ -19,6 +19,7 @@ from rlhf_jax import losses, models, ppo, sharding
 from rlhf_jax.advantages import AdvantageConfig
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from rlhf_jax.optim import OptimConfig
+from rlhf_jax.rollout import SamplingConfig
 from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 
@@ -146,30 +147,26 @@ def run_reward(config, paths: Paths, policy_path: str) -> str:
 
 def ppo_trainer_config(config) -> PPOTrainerConfig:
   p = config.ppo
-  ppo_cfg = ppo.PPOConfig(
+  return PPOTrainerConfig(
+      sampling=SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                              top_k=p.top_k, top_p=p.top_p, decode_layout=p.decode_layout),
+      group_size=p.group_size,
       policy_loss=losses.PolicyLossConfig(name=p.policy_loss, clip_eps=p.clip_eps),
       value_loss=losses.ValueLossConfig(name=p.value_loss, clip_eps=p.value_clip_eps),
-      advantage=AdvantageConfig(estimator=p.advantage, gamma=p.gamma, lam=p.lam,
-                                group_size=p.group_size),
+      advantage=AdvantageConfig(estimator=p.advantage, gamma=p.gamma, lam=p.lam),
       kl=kl_lib.KLConfig(estimator=p.kl_estimator, in_reward=p.kl_in_reward,
                          init_coef=p.kl_coef, controller=p.kl_controller, target=p.kl_target,
                          horizon=p.kl_horizon),
       critic=p.critic, ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches,
       vf_coef=p.vf_coef, ent_coef=p.ent_coef, whiten_advantages=p.whiten_advantages,
-      temperature=p.temperature)
-  steps_per_iter = p.ppo_epochs * p.num_minibatches
-  return PPOTrainerConfig(
-      batch_size=p.batch_size, group_size=p.group_size, max_prompt_len=p.max_prompt_len,
-      max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-      decode_layout=p.decode_layout,
+      missing_eos_penalty=p.missing_eos_penalty, whiten_scores=p.whiten_scores,
+      batch_size=p.batch_size, max_prompt_len=p.max_prompt_len,
       max_steps=p.max_steps, reward_threshold=p.reward_threshold, eval_every=p.eval_every,
       num_eval_prompts=p.num_eval_prompts, normalize_reward=p.normalize_reward,
-      missing_eos_penalty=p.missing_eos_penalty, whiten_scores=p.whiten_scores,
       seed=config.seed, checkpoint_every=p.checkpoint_every,
       keep_checkpoints=p.keep_checkpoints, max_nonfinite_iterations=p.max_nonfinite_iterations,
-      ppo=ppo_cfg,
       optim=OptimConfig(learning_rate=p.learning_rate, schedule=p.lr_schedule,
-                        total_steps=p.max_steps * steps_per_iter, max_grad_norm=p.max_grad_norm))
+                        max_grad_norm=p.max_grad_norm))
 
 
 def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
@@ -185,7 +182,7 @@ def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
   _check_vocab(reward.cfg, tokenizer, "reward model")
   # Critic initialised from the reward model (N implementation details of RLHF).
   value = (models.from_pretrained(reward_path, kind="scalar", dtype=config.dtype)
-           if tcfg.ppo.critic == "separate" else None)
+           if tcfg.critic_impl.needs_value_model else None)
   reward_graphdef, reward_params = nnx.split(reward)
   gold_fn = data_lib.gold_score if config.task == "default" else None
   writer = MetricsWriter(paths.ppo, "metrics")
