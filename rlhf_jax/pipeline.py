@@ -14,6 +14,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import data as data_lib
+from rlhf_jax import evaluation
 from rlhf_jax import kl as kl_lib
 from rlhf_jax import losses, models, ppo, sharding
 from rlhf_jax.advantages import AdvantageConfig
@@ -201,9 +202,7 @@ def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
     records = read_jsonl(writer.path)
     plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO")
     with open(os.path.join(paths.ppo, "samples.md"), "w") as f:
-      f.write("| prompt | completion | reward |\n| --- | --- | --- |\n")
-      for s in final.get("samples", []):
-        f.write(f"| {s['prompt']} | {s['completion']} | {s['reward']:.3f} |\n")
+      f.write(evaluation.samples_table(final.get("samples", [])) + "\n")
   return final
 
 

@@ -18,6 +18,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import checkpointing
+from rlhf_jax import evaluation
 from rlhf_jax import faults
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax import sharding as sharding_lib
@@ -89,16 +90,6 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
       return self.optim
     return dataclasses.replace(
         self.optim, total_steps=self.max_steps * self.ppo_epochs * self.num_minibatches)
-
-
-def distinct_n(rows: list[list[int]], n: int) -> float:
-  """Distinct-n (Li et al. 2016): unique n-grams / total n-grams over all completions."""
-  grams = [tuple(r[i:i + n]) for r in rows for i in range(len(r) - n + 1)]
-  return len(set(grams)) / max(len(grams), 1)
-
-
-def _valid_rows(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
-  return [row[m > 0].tolist() for row, m in zip(ids, mask)]
 
 
 class PPOTrainer:
@@ -259,57 +250,31 @@ class PPOTrainer:
     self.checkpointer.save(step, self.state, meta, force=force)
 
   def evaluate(self, step: int) -> dict[str, Any]:
-    """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score."""
+    """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score,
+    samples and the reward-hacking verdict over this run's evaluations."""
     key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
     ro, ref_ro, raw, ref_raw, m = jax.device_get(self._eval_rollouts(
         self.state.params["policy"], self.ref_params, self.reward_params,
         self.eval_ids, self.eval_mask, key))
-    rows = _valid_rows(ro.completion_ids, ro.completion_mask)
-    out = {
-        "eval_reward": float(raw.mean()),
-        "eval_ref_reward": float(ref_raw.mean()),
-        "eval_win_rate": float(((raw > ref_raw) + 0.5 * (raw == ref_raw)).mean()),
-        "eval_kl": float(m["kl"]),
-        "eval_response_length": float(m["response_length"]),
-        "eval_eos_rate": float(m["eos_rate"]),
-        "eval_distinct_1": distinct_n(rows, 1),
-        "eval_distinct_2": distinct_n(rows, 2),
-    }
-    texts = self.tokenizer.batch_decode(
-        [[t for t in r if t != self.tokenizer.eos_token_id] for r in rows])
-    prompts = self.tokenizer.batch_decode(_valid_rows(ro.prompt_ids, ro.prompt_mask))
+    texts = evaluation.completion_texts(self.tokenizer, ro.completion_ids, ro.completion_mask)
+    gold = ref_gold = None
     if self.gold_fn is not None:
-      ref_texts = self.tokenizer.batch_decode(
-          [[t for t in r if t != self.tokenizer.eos_token_id]
-           for r in _valid_rows(ref_ro.completion_ids, ref_ro.completion_mask)])
-      gold = np.array([self.gold_fn(t) for t in texts])
-      out["gold_score"] = float(gold.mean())
-      out["ref_gold_score"] = float(np.mean([self.gold_fn(t) for t in ref_texts]))
-    table = ["| prompt | completion | reward |", "| --- | --- | --- |"] + [
-        f"| {p} | {c} | {r:.3f} |" for p, c, r in
-        list(zip(prompts, texts, raw))[:self.cfg.num_samples_logged]]
-    out["samples"] = [{"prompt": p, "completion": c, "reward": float(r)}
-                      for p, c, r in list(zip(prompts, texts, raw))[:self.cfg.num_samples_logged]]
-    self._check_reward_hacking(out)
+      gold = evaluation.gold_score(self.gold_fn, texts)
+      ref_gold = evaluation.gold_score(self.gold_fn, evaluation.completion_texts(
+          self.tokenizer, ref_ro.completion_ids, ref_ro.completion_mask))
+    out: dict[str, Any] = evaluation.eval_metrics(
+        raw, ref_raw, m, evaluation.valid_rows(ro.completion_ids, ro.completion_mask), gold,
+        ref_gold)
+    prompts = self.tokenizer.batch_decode(evaluation.valid_rows(ro.prompt_ids, ro.prompt_mask))
+    out["samples"] = evaluation.sample_rows(prompts, texts, raw, self.cfg.num_samples_logged)
+    self.eval_history.append(out)
+    verdict = evaluation.reward_hacking(self.eval_history)
+    out["reward_hacking"] = int(verdict.flag)
+    if verdict.flag:
+      logging.warning("possible reward hacking: %s", verdict.reason)
     if self.writer is not None:
-      self.writer.write_text(step, "eval_samples", "\n".join(table))
+      self.writer.write_text(step, "eval_samples", evaluation.samples_table(out["samples"]))
     return out
-
-  def _check_reward_hacking(self, ev: dict[str, Any], window: int = 3) -> None:
-    """Warns when the reward model's score keeps rising while the gold score keeps falling."""
-    self.eval_history.append(ev)
-    hist = self.eval_history[-window:]
-    if self.gold_fn is None or len(hist) < window:
-      ev["reward_hacking"] = 0
-      return
-    rising = all(b["eval_reward"] > a["eval_reward"] for a, b in zip(hist, hist[1:]))
-    falling = all(b["gold_score"] < a["gold_score"] for a, b in zip(hist, hist[1:]))
-    ev["reward_hacking"] = int(rising and falling)
-    if rising and falling:
-      logging.warning("possible reward hacking: reward-model score rose %.3f -> %.3f while the "
-                      "gold score fell %.3f -> %.3f over the last %d evaluations",
-                      hist[0]["eval_reward"], hist[-1]["eval_reward"], hist[0]["gold_score"],
-                      hist[-1]["gold_score"], window)
 
   def train(self) -> dict[str, Any]:
     """Runs until max_steps or the reward threshold; returns the last evaluation."""
