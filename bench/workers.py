@@ -32,8 +32,8 @@ from rlhf_jax.losses import PolicyLossConfig, ValueLossConfig, token_logprobs
 from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.rollout import SamplingConfig, rollout
 from rlhf_jax.score import ScoreConfig, reward_model_fn, score
-from workload import EOS_ID, FIRST_ID, PAD_ID, TEMPERATURE, log, median
 from flops import gflops
+from workload import EOS_ID, FIRST_ID, PAD_ID, TEMPERATURE, log, median
 
 
 def worker_peak(args) -> dict:
