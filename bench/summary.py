@@ -32,11 +32,9 @@ def summarize_ours(runs: list[dict], p: dict, peak, critic: str) -> dict:
       "achieved_gflops_executed": gflops(ex_f["per_iteration"]["total"], it),
       "mfu_executed": mfu(ex_f["per_iteration"]["total"], it, peak),
       "phase_gflops_executed": {
-          "generation": gflops(ex_f["per_iteration"]["generation"], median(
-              [r["phase_median_s"]["generation"] for r in ok])),
-          "scoring": gflops(sum(ex_f["per_iteration"][k] for k in ("ref_fwd", "value_fwd",
-                                                                   "reward_fwd")),
-                            median([r["phase_median_s"]["scoring"] for r in ok])),
+          "collect": gflops(sum(ex_f["per_iteration"][k] for k in (
+              "generation", "ref_fwd", "value_fwd", "reward_fwd")),
+              median([r["phase_median_s"]["collect"] for r in ok])),
           "update": gflops(ex_f["per_iteration"]["ppo_train_fwd_bwd"],
                            median([r["phase_median_s"]["update"] for r in ok]))},
       "params": ok[0]["params"], "versions": ok[0]["versions"], "device": ok[0]["device"],
@@ -103,7 +101,8 @@ def compare(ours: dict, trl: dict) -> dict:
     out["fwd_bwd_tok_s_ours_over_trl"] = ratio(ours["fwd_bwd"]["tokens_per_s"],
                                                trl["fwd_bwd"]["tokens_per_s"])
   tp = trl["phase_median_s"]
-  trl_phases = {"generation": tp["generation"], "scoring": tp["score_fwd"],
+  # Our collect is one program: TRL's generation and scoring together.
+  trl_phases = {"collect": tp["generation"] + tp["score_fwd"],
                 "update": tp["train_fwd"] + tp["train_bwd"] + tp["optimizer"]}
   out["phase_time_ours_over_trl"] = {k: ratio(ours["phase_median_s"][k], x)
                                      for k, x in trl_phases.items()}

@@ -2,9 +2,9 @@
 running and timing the PPO workload. Each prints one JSON line, its result, on stdout.
 
 What rlhf_jax's worker times (see bench/README.md, "What is measured"):
-  * a PPO iteration and its phases: generation (jitted `rollout`), scoring (jitted `critic_values`
-    + `score`: reference log-probs, values and reward), update (jitted `ppo_update`, the train
-    state donated). `block_until_ready` only at phase boundaries. Compile time (lower + compile,
+  * a PPO iteration and its phases: collect (the trainer's own jitted `rlhf_jax.collect`:
+    rollout, then the critic's values, reference log-probs and reward), update (jitted
+    `ppo_update`, the train state donated). `block_until_ready` only at phase boundaries. Compile time (lower + compile,
     ahead of the first call) is reported on its own.
   * generation alone: B x R generated tokens / time (includes the prefill, as TRL's does).
   * policy forward + backward alone: jitted value_and_grad of the next-token LM loss on B x (P+R)
@@ -28,10 +28,11 @@ from rlhf_jax import kl as kl_lib
 from rlhf_jax import models
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax.advantages import AdvantageConfig
+from rlhf_jax.collect import collect
 from rlhf_jax.losses import PolicyLossConfig, ValueLossConfig, token_logprobs
 from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.rollout import SamplingConfig, rollout
-from rlhf_jax.score import ScoreConfig, reward_model_fn, score
+from rlhf_jax.score import reward_model_fn
 from flops import gflops
 from workload import EOS_ID, FIRST_ID, PAD_ID, TEMPERATURE, log, median
 
@@ -75,24 +76,6 @@ def _model_config(p: dict, dtype: str):
       num_labels=1, dtype=dtype, param_dtype="float32")
 
 
-def collect_programs(ppo_cfg, sampling, score_cfg, graphdef, reward_fn):
-  """The trainer's collect program (rollout -> critic_values -> score), as its two phases.
-
-  They are two functions, jitted apart, so that generation and scoring are timed on their own.
-  The reference is the policy's graph with its own (never donated) params.
-  """
-  def generate(params, ids, mask, key):
-    return rollout(graphdef, params, ids, mask, key, sampling)
-
-  def score_batch(state, ref_params, reward_params, ro):
-    values = ppo_lib.critic_values(ppo_cfg, state, ro)
-    return score(score_cfg, ro, ref_graphdef=graphdef, ref_params=ref_params,
-                 reward_fn=reward_fn, reward_params=reward_params, kl_coef=state.kl.coef,
-                 values=values)
-
-  return generate, score_batch
-
-
 def worker_ours(args, p: dict) -> dict:
   """Builds the workload with rlhf_jax and times it (see the module docstring)."""
   jax.config.update("jax_threefry_partitionable", True)
@@ -111,20 +94,21 @@ def worker_ours(args, p: dict) -> dict:
                                   ("reward", reward_model))}
 
   kl_cfg = kl_lib.KLConfig(estimator="k1", in_reward=True, init_coef=0.05, controller="fixed")
+  # No stop token: every response has exactly R tokens, as in TRL's benchmark.
+  sampling = SamplingConfig(max_new_tokens=r, temperature=TEMPERATURE, eos_token_id=EOS_ID,
+                            pad_token_id=PAD_ID, ignore_eos=True)
   ppo_cfg = ppo_lib.PPOConfig(
+      sampling=sampling,
       policy_loss=PolicyLossConfig(name="ppo", clip_eps=0.2),
       value_loss=ValueLossConfig(name="clipped", clip_eps=0.2),
       advantage=AdvantageConfig(estimator="gae", gamma=1.0, lam=0.95), kl=kl_cfg,
       critic=args.critic, ppo_epochs=e, num_minibatches=b // mb, vf_coef=0.1, ent_coef=0.0,
-      whiten_advantages=True, temperature=TEMPERATURE)
+      whiten_advantages=True)
   # torch AdamW defaults (eps 1e-8) with TRL's lr; TRL's PPO never clips gradients. TRL steps its
   # linear schedule once per iteration, optax once per minibatch: same work, slightly other lrs.
   steps = args.iters * e * (b // mb)
   tx = make_optimizer(OptimConfig(learning_rate=3e-6, schedule="linear", total_steps=steps,
                                   weight_decay=0.0, eps=1e-8, max_grad_norm=0.0))
-  sampling = SamplingConfig(max_new_tokens=r, eos_token_id=None, pad_token_id=PAD_ID,
-                            temperature=TEMPERATURE)
-  score_cfg = ScoreConfig(eos_token_id=EOS_ID, temperature=TEMPERATURE, kl=kl_cfg)
 
   graphdef, policy_params = nnx.split(policy)
   # The reference is a copy: the train state's buffers are donated, the reference's never are.
@@ -133,8 +117,9 @@ def worker_ours(args, p: dict) -> dict:
   state = ppo_lib.init_train_state(ppo_cfg, policy, tx, jax.random.key(args.seed),
                                    value_model if args.critic == "separate" else None)
   del policy, value_model, reward_model
-  generate, score_batch = collect_programs(ppo_cfg, sampling, score_cfg, graphdef,
-                                           reward_model_fn(reward_graphdef))
+  # The trainer's collect program, as PPOTrainer jits it.
+  collect_jit = jax.jit(functools.partial(collect, ppo_cfg, ref_graphdef=graphdef,
+                                          reward_fn=reward_model_fn(reward_graphdef)))
 
   def lm_loss(params, ids):
     # The head on the T - 1 positions that have a next token, the ones the loss reads: computing
@@ -151,9 +136,9 @@ def worker_ours(args, p: dict) -> dict:
   compile_s, temp_mib = {}, {}
   rss = {"built": _rss_mib()}
 
-  def compile_(name, fn, *specs):
+  def compile_(name, fn, *specs, **kw_specs):
     t0 = time.perf_counter()
-    compiled = fn.lower(*specs).compile()
+    compiled = fn.lower(*specs, **kw_specs).compile()
     compile_s[name] = round(time.perf_counter() - t0, 3)
     # XLA's scratch for one call, on top of its arguments and outputs: what moves peak memory.
     analysis = compiled.memory_analysis()
@@ -162,12 +147,9 @@ def worker_ours(args, p: dict) -> dict:
     log(f"[{tag}] compiled {name} in {compile_s[name]:.1f} s, temp {temp_mib.get(name)} MiB")
     return compiled
 
-  gen_jit = jax.jit(generate)
-  score_jit = jax.jit(score_batch)
-  gen_c = compile_("generation", gen_jit, state.params["policy"], prompts[0], mask, key)
-  ro_spec = jax.eval_shape(gen_jit, state.params["policy"], prompts[0], mask, key)
-  score_c = compile_("scoring", score_jit, state, ref_params, reward_params, ro_spec)
-  scored_spec = jax.eval_shape(score_jit, state, ref_params, reward_params, ro_spec)[0]
+  frozen = dict(ref_params=ref_params, reward_params=reward_params)
+  collect_c = compile_("collect", collect_jit, state, prompts[0], mask, key, **frozen)
+  scored_spec = jax.eval_shape(collect_jit, state, prompts[0], mask, key, **frozen)[0]
   update_c = compile_("update", jax.jit(functools.partial(ppo_lib.ppo_update, ppo_cfg),
                                         donate_argnums=0), state, scored_spec)
 
@@ -178,21 +160,18 @@ def worker_ours(args, p: dict) -> dict:
   iters, phases, finite = [], [], True
   for i in range(args.iters):
     t0 = time.perf_counter()
-    ro = jax.block_until_ready(gen_c(state.params["policy"], prompts[i], mask,
-                                     jax.random.fold_in(key, i)))
-    t1 = time.perf_counter()
     scored, score_metrics = jax.block_until_ready(
-        score_c(state, ref_params, reward_params, ro))
-    t2 = time.perf_counter()
+        collect_c(state, prompts[i], mask, jax.random.fold_in(key, i), **frozen))
+    t1 = time.perf_counter()
     state, update_metrics = jax.block_until_ready(update_c(state, scored))
-    t3 = time.perf_counter()
+    t2 = time.perf_counter()
     metrics = jax.device_get({**score_metrics, **update_metrics})
-    t4 = time.perf_counter()
+    t3 = time.perf_counter()
     finite &= all(np.isfinite(x).all() for x in metrics.values())
-    ph = {"generation": t1 - t0, "scoring": t2 - t1, "update": t3 - t2, "other": t4 - t3}
-    iters.append(t4 - t0)
+    ph = {"collect": t1 - t0, "update": t2 - t1, "other": t3 - t2}
+    iters.append(t3 - t0)
     phases.append(ph)
-    log(f"[{tag}] iter {i + 1}/{args.iters}: {t4 - t0:7.3f} s  "
+    log(f"[{tag}] iter {i + 1}/{args.iters}: {t3 - t0:7.3f} s  "
         + "  ".join(f"{k}={x:.3f}" for k, x in ph.items()))
   rss["ppo"] = _rss_mib()
   # The micro-benchmarks come after the PPO iterations, so that `peak_rss_mib_after["ppo"]` is the
@@ -200,8 +179,10 @@ def worker_ours(args, p: dict) -> dict:
   # it builds its trainer): the value model, the reference, the reward model and the optimizer
   # state are freed first.
   policy_params = state.params["policy"]
-  del state, ref_params, reward_params, ro, scored
+  del state, ref_params, reward_params, frozen, scored
   if not args.skip_micro:
+    gen_c = compile_("generation", jax.jit(functools.partial(rollout, graphdef, cfg=sampling)),
+                     policy_params, prompts[0], mask, key)
     res["generation"] = _time_reps(
         args.gen_reps, lambda: gen_c(policy_params, prompts[0], mask, key))
     res["generation"]["gen_tokens_per_s"] = round(b * r / res["generation"]["median_s"], 2)
