@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.masked import masked_sum, masked_whiten
+from rlhf_jax.masked import last_valid_mask, masked_sum, masked_whiten
 from rlhf_jax.registry import Registry
 
 
@@ -38,14 +38,12 @@ class AdvantageConfig:
     gamma: Discount per token (gae, reinforce, reinforce_pp_baseline; grpo/rloo use undiscounted
       sequence returns).
     lam: GAE lambda.
-    group_size: Completions per prompt G; must divide the batch size.
     eps: Added to the group std in grpo.
   """
 
   estimator: str = "gae"
   gamma: float = 1.0
   lam: float = 0.95
-  group_size: int = 1
   eps: float = 1e-6
 
   def __post_init__(self):
@@ -53,8 +51,6 @@ class AdvantageConfig:
       raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
     if not 0.0 <= self.lam <= 1.0:
       raise ValueError(f"lam must be in [0, 1], got {self.lam}")
-    if self.group_size < 1:
-      raise ValueError(f"group_size must be >= 1, got {self.group_size}")
     if self.eps < 0:
       raise ValueError(f"eps must be >= 0, got {self.eps}")
 
@@ -68,11 +64,14 @@ class AdvantageInputs:
       beta * KL per token).
     values: Value estimates V(s_t) [B, T] float32, or None for estimators without a critic.
     mask: [B, T] float32 or bool, 1 = valid completion token.
+    group_size: Completions per prompt G (static), a property of the batch's layout: rows
+      [g*G:(g+1)*G] are the completions of prompt g. Must divide B.
   """
 
   token_rewards: jax.Array
   values: jax.Array | None
   mask: jax.Array
+  group_size: int = flax.struct.field(pytree_node=False, default=1)
 
 
 AdvantageEstimator = Callable[[AdvantageConfig, AdvantageInputs], tuple[jax.Array, jax.Array]]
@@ -151,9 +150,9 @@ def _check_groups(group_size: int, batch_size: int, estimator: str, min_size: in
 def _grouped_returns(cfg: AdvantageConfig, inputs: AdvantageInputs) -> jax.Array:
   """Undiscounted sequence returns R_i = sum_t m_t r_t, reshaped [B / G, G]."""
   batch_size = inputs.token_rewards.shape[0]
-  _check_groups(cfg.group_size, batch_size, cfg.estimator, min_size=2)
+  _check_groups(inputs.group_size, batch_size, cfg.estimator, min_size=2)
   returns = masked_sum(inputs.token_rewards, inputs.mask, axis=1)
-  return returns.reshape(batch_size // cfg.group_size, cfg.group_size)
+  return returns.reshape(batch_size // inputs.group_size, inputs.group_size)
 
 
 def _broadcast_to_tokens(per_sequence: jax.Array, mask: jax.Array) -> jax.Array:
@@ -191,17 +190,9 @@ def rloo_estimator(cfg: AdvantageConfig, inputs: AdvantageInputs) -> tuple[jax.A
   A_i = R_i - 1/(G-1) sum_{j != i} R_j for every valid token of completion i. returns = advantages.
   """
   returns = _grouped_returns(cfg, inputs)
-  baseline = (jnp.sum(returns, axis=1, keepdims=True) - returns) / (cfg.group_size - 1)
+  baseline = (jnp.sum(returns, axis=1, keepdims=True) - returns) / (inputs.group_size - 1)
   adv = _broadcast_to_tokens(returns - baseline, inputs.mask)
   return adv, adv
-
-
-def _last_valid_token(mask: jax.Array) -> jax.Array:
-  """[B, T] bool, True at the last valid token of each row (none for an empty row)."""
-  valid = mask.astype(bool)
-  length = valid.shape[1]
-  last = length - 1 - jnp.argmax(valid[:, ::-1], axis=1)
-  return (jnp.arange(length)[None, :] == last[:, None]) & valid
 
 
 @register_advantage_estimator("reinforce_pp_baseline")
@@ -217,7 +208,7 @@ def reinforce_pp_baseline_estimator(cfg: AdvantageConfig,
   group_mean = jnp.mean(grouped, axis=1, keepdims=True)
   baseline = jnp.broadcast_to(group_mean, grouped.shape).reshape(-1, 1)
   rewards = inputs.token_rewards.astype(jnp.float32)
-  rewards = jnp.where(_last_valid_token(inputs.mask), rewards - baseline, rewards)
+  rewards = jnp.where(last_valid_mask(inputs.mask), rewards - baseline, rewards)
   returns = discounted_returns(rewards, inputs.mask, cfg.gamma)
   return masked_whiten(returns, inputs.mask), returns
 
@@ -242,7 +233,7 @@ def compute_advantages(cfg: AdvantageConfig,
     (advantages, returns), [B, T] float32, zero at masked positions.
 
   Raises:
-    ValueError: if `cfg.group_size` does not divide B, or the estimator lacks what it needs.
+    ValueError: if `inputs.group_size` does not divide B, or the estimator lacks what it needs.
     UnknownNameError: if the estimator is not registered.
   """
   chex.assert_rank([inputs.token_rewards, inputs.mask], 2)
@@ -250,7 +241,9 @@ def compute_advantages(cfg: AdvantageConfig,
   if inputs.values is not None:
     chex.assert_equal_shape([inputs.token_rewards, inputs.values])
   estimator = ADVANTAGE_ESTIMATORS.get(cfg.estimator)
-  _check_groups(cfg.group_size, inputs.token_rewards.shape[0], cfg.estimator, min_size=1)
+  if inputs.group_size < 1:
+    raise ValueError(f"group_size must be >= 1, got {inputs.group_size}")
+  _check_groups(inputs.group_size, inputs.token_rewards.shape[0], cfg.estimator, min_size=1)
   advantages, returns = estimator(cfg, inputs)
   chex.assert_equal_shape([advantages, returns, inputs.mask])
   chex.assert_type([advantages, returns], jnp.float32)

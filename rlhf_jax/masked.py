@@ -61,3 +61,15 @@ def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True) -> jax
   if not shift_mean:
     whitened = whitened + mean
   return jnp.where(valid, whitened, 0.0)
+
+
+def last_valid_index(mask: jax.Array) -> jax.Array:
+  """Index [B] of the last valid entry of each row of a [B, T] mask (0 for an empty row)."""
+  chex.assert_rank(mask, 2)
+  return jnp.max(jnp.where(mask.astype(bool), jnp.arange(mask.shape[-1]), 0), axis=-1)
+
+
+def last_valid_mask(mask: jax.Array) -> jax.Array:
+  """[B, T] bool, True at the last valid entry of each row (nowhere in an empty row)."""
+  valid = mask.astype(bool)
+  return (jnp.arange(mask.shape[-1]) == last_valid_index(mask)[:, None]) & valid

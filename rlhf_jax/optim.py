@@ -14,7 +14,8 @@ class OptimConfig:
     schedule: "constant", "linear" (decay to 0 over total_steps, as in the OpenAI
       lm-human-preferences PPO) or "cosine".
     warmup_steps: Linear warm-up from 0 before the schedule.
-    total_steps: Optimizer steps the schedule spans (minibatch steps, not iterations).
+    total_steps: Optimizer steps the schedule spans (minibatch steps, not iterations); None: the
+      run's own step count, filled in by the trainer.
     weight_decay: Decoupled weight decay (Loshchilov & Hutter 2019).
     b1, b2, eps: Adam moments; eps 1e-5 follows the N implementation details of PPO.
     max_grad_norm: Clip the global gradient norm to this (0: off).
@@ -22,7 +23,7 @@ class OptimConfig:
   learning_rate: float = 1e-5
   schedule: str = "constant"
   warmup_steps: int = 0
-  total_steps: int = 1000
+  total_steps: int | None = None
   weight_decay: float = 0.0
   b1: float = 0.9
   b2: float = 0.999
@@ -31,7 +32,9 @@ class OptimConfig:
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
-  decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+  if cfg.total_steps is None and (cfg.schedule != "constant" or cfg.warmup_steps > 0):
+    raise ValueError(f"schedule {cfg.schedule!r} needs OptimConfig.total_steps")
+  decay_steps = max((cfg.total_steps or 0) - cfg.warmup_steps, 1)
   if cfg.schedule == "constant":
     main = optax.constant_schedule(cfg.learning_rate)
   elif cfg.schedule == "linear":

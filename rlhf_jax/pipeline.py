@@ -16,7 +16,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import models, sharding
+from rlhf_jax import evaluation, models, sharding
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
@@ -204,7 +204,8 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   _check_vocab(policy.cfg, tokenizer, "policy")
   _check_vocab(reward.cfg, tokenizer, "reward model")
   # Critic initialised from the reward model (N implementation details of RLHF).
-  value = _load(config, reward_path, "scalar") if config.ppo.critic == "separate" else None
+  value = (_load(config, reward_path, "scalar")
+           if config.ppo.critic_impl.needs_value_model else None)
   reward_graphdef, reward_params = nnx.split(reward)
   gold_fn = data_lib.gold_score if config.task.name == "default" else None
   writer = MetricsWriter(paths.ppo, "metrics")
@@ -223,9 +224,7 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
     records = read_jsonl(writer.path)
     plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO")
     with open(os.path.join(paths.ppo, "samples.md"), "w") as f:
-      f.write("| prompt | completion | reward |\n| --- | --- | --- |\n")
-      for s in final.get("samples", []):
-        f.write(f"| {s['prompt']} | {s['completion']} | {s['reward']:.3f} |\n")
+      f.write(evaluation.samples_table(final.get("samples", [])) + "\n")
   return final
 
 

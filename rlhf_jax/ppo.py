@@ -18,35 +18,41 @@ import optax
 from flax import nnx
 
 from rlhf_jax import kl as kl_lib
-from rlhf_jax.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig, AdvantageInputs, compute_advantages
-from rlhf_jax.losses import (POLICY_LOSSES, VALUE_LOSSES, PolicyLossConfig, ValueLossConfig,
-                             entropy_from_logits, policy_loss, token_logprobs, value_loss)
-from rlhf_jax.masked import masked_mean, masked_var, masked_whiten
 from rlhf_jax import sharding as sharding_lib
-from rlhf_jax.rollout import Rollout
-from rlhf_jax.score import Scored, completion_hidden
-
-CRITICS = ("separate", "shared", "none")
+from rlhf_jax.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig, AdvantageInputs, compute_advantages
+from rlhf_jax.critics import CRITICS
+from rlhf_jax.losses import (POLICY_LOSSES, VALUE_LOSSES, PolicyLossConfig, ValueLossConfig,
+                             policy_loss, value_loss)
+from rlhf_jax.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf_jax.rollout import Rollout, SamplingConfig, completion_hidden
+from rlhf_jax.score import Scored, completion_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-  """Hyperparameters of the policy-optimisation phase.
+  """The RL algorithm: everything `collect` and `ppo_update` read, each knob in one place.
 
   Attributes:
+    sampling: How completions are drawn (temperature, top-k/p, length budget).
+    group_size: Completions sampled per prompt, in consecutive rows (> 1 for the grpo / rloo /
+      reinforce++ baselines).
     policy_loss: Name and clipping of the policy loss (registry `POLICY_LOSSES`).
     value_loss: Name and clipping of the value loss (registry `VALUE_LOSSES`).
-    advantage: Estimator (registry `ADVANTAGE_ESTIMATORS`), gamma, lambda, group size.
+    advantage: Estimator (registry `ADVANTAGE_ESTIMATORS`), gamma, lambda.
     kl: KL estimator, placement (reward or loss) and controller.
-    critic: "separate" (a value model of its own), "shared" (a value head on the policy trunk:
-      less work, one backbone) or "none" (critic-free estimators such as grpo/rloo).
+    critic: Registry `CRITICS`: "separate" (a value model of its own), "shared" (a value head on
+      the policy trunk: less work, one backbone) or "none" (critic-free estimators).
     ppo_epochs: Passes over the batch.
     num_minibatches: Minibatches per pass; one optimizer step each.
     vf_coef: Weight of the value loss.
     ent_coef: Weight of the entropy bonus.
     whiten_advantages: Whiten advantages over the valid tokens of the batch.
-    temperature: Sampling temperature; log-probs are recomputed from logits / T.
+    missing_eos_penalty: Subtracted from the score of completions cut before EOS (TRL's
+      `missing_eos_penalty`; 0 disables it).
+    whiten_scores: Whiten sequence scores over the batch after normalisation.
   """
+  sampling: SamplingConfig = SamplingConfig()
+  group_size: int = 1
   policy_loss: PolicyLossConfig = PolicyLossConfig()
   value_loss: ValueLossConfig = ValueLossConfig()
   advantage: AdvantageConfig = AdvantageConfig()
@@ -57,18 +63,27 @@ class PPOConfig:
   vf_coef: float = 0.1
   ent_coef: float = 0.0
   whiten_advantages: bool = True
-  temperature: float = 1.0
+  missing_eos_penalty: float = 0.0
+  whiten_scores: bool = False
 
   def __post_init__(self):
-    if self.critic not in CRITICS:
-      raise ValueError(f"critic must be one of {CRITICS}, got {self.critic!r}")
+    critic = CRITICS.get(self.critic)
     POLICY_LOSSES.get(self.policy_loss.name)
     VALUE_LOSSES.get(self.value_loss.name)
     ADVANTAGE_ESTIMATORS.get(self.advantage.estimator)
-    if self.advantage.estimator == "gae" and self.critic == "none":
-      raise ValueError("advantage estimator 'gae' needs a critic (critic='separate' or 'shared')")
+    kl_lib.KL_ESTIMATORS.get(self.kl.estimator)
+    kl_lib.KL_CONTROLLERS.get(self.kl.controller)
+    if self.advantage.estimator == "gae" and not critic.has_values:
+      raise ValueError(f"advantage estimator 'gae' needs a critic with values, got "
+                       f"critic={self.critic!r}")
+    if self.group_size < 1:
+      raise ValueError(f"group_size must be >= 1, got {self.group_size}")
     if self.ppo_epochs < 1 or self.num_minibatches < 1:
       raise ValueError("ppo_epochs and num_minibatches must be >= 1")
+
+  @property
+  def critic_impl(self):
+    return CRITICS.get(self.critic)
 
 
 @flax.struct.dataclass
@@ -99,18 +114,10 @@ class TrainState:
 
 def init_train_state(cfg: PPOConfig, policy: nnx.Module, tx: optax.GradientTransformation,
                      rng: jax.Array, value_model: nnx.Module | None = None) -> TrainState:
-  """Builds the train state from a policy CausalLM and, for critic="separate", a ScalarModel.
-
-  A shared critic gets a zero-initialised value head on the policy's final hidden states.
-  """
+  """Builds the train state from a policy CausalLM and the critic's parameters (`cfg.critic`;
+  a "separate" critic is initialised from `value_model`, a ScalarModel)."""
   policy_graphdef, policy_params = nnx.split(policy)
-  value_graphdef, value_params = None, None
-  if cfg.critic == "separate":
-    if value_model is None:
-      raise ValueError("critic='separate' needs a value model (a ScalarModel)")
-    value_graphdef, value_params = nnx.split(value_model)
-  elif cfg.critic == "shared":
-    value_params = {"head": jnp.zeros((policy.cfg.hidden_size,), jnp.float32)}
+  value_graphdef, value_params = cfg.critic_impl.init(policy, value_model)
   params = {"policy": policy_params, "value": value_params}
   return TrainState(params=params, opt_state=tx.init(params),
                     kl=kl_lib.init_kl_controller(cfg.kl), rng=rng,
@@ -136,57 +143,51 @@ def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh,
                        rng=rep, step=rep)
 
 
-def _policy_outputs(state: TrainState, params, rollout: Rollout, critic: str, temperature: float):
-  """(logits / T [B,N,V], values [B,N] or None) in one pass over the shared trunk when possible."""
-  policy = nnx.merge(state.policy_graphdef, params["policy"])
-  hidden = completion_hidden(policy, rollout)
-  logits = policy.logits(hidden) / temperature
-  if critic == "shared":
-    values = (hidden.astype(jnp.float32) @ params["value"]["head"])
-  elif critic == "separate":
-    value_model = nnx.merge(state.value_graphdef, params["value"])
-    values = value_model.apply_head(completion_hidden(value_model, rollout))
-  else:
-    values = None
-  return logits, values
-
-
-def critic_values(cfg: PPOConfig, state: TrainState, rollout: Rollout) -> jax.Array | None:
-  """Values V(s_t) [B, N] of the current critic at the positions predicting each completion token
-  (0 on padding), or None without a critic."""
-  if cfg.critic == "none":
-    return None
-  if cfg.critic == "shared":
-    policy = state.policy
-    hidden = completion_hidden(policy, rollout)
-    values = hidden.astype(jnp.float32) @ state.params["value"]["head"]
-  else:
-    model = nnx.merge(state.value_graphdef, state.params["value"])
-    values = model.apply_head(completion_hidden(model, rollout))
-  return values * rollout.completion_mask
-
-
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
   """1 - Var[R - V] / Var[R] over valid tokens (1: perfect critic, 0: no better than a constant)."""
   var_r = masked_var(returns, mask, unbiased=False)
   return 1.0 - masked_var(returns - values, mask, unbiased=False) / jnp.maximum(var_r, 1e-8)
 
 
-def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: dict[str, jax.Array]):
-  rollout = mb["rollout"]
+@flax.struct.dataclass
+class Minibatch:
+  """The rows of one optimizer step, with what the losses compare against.
+
+  Attributes:
+    rollout: The completions (with the temperature they were sampled at).
+    old_logprobs: [B, N] sampling-time log-probs.
+    ref_logprobs: [B, N] reference-policy log-probs.
+    advantages, returns: [B, N] from the estimator (advantages whitened if configured).
+    old_values: [B, N] critic values at sampling time (0 without a critic).
+  """
+  rollout: Rollout
+  old_logprobs: jax.Array
+  ref_logprobs: jax.Array
+  advantages: jax.Array
+  returns: jax.Array
+  old_values: jax.Array
+
+
+def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
+                    kl_coef: jax.Array):
+  """Policy loss - ent_coef * entropy [+ kl_coef * KL] [+ vf_coef * value loss], one forward
+  pass of the policy trunk shared by the log-probs and a shared critic."""
+  rollout = mb.rollout
   mask = rollout.completion_mask
-  logits, values = _policy_outputs(state, params, rollout, cfg.critic, cfg.temperature)
-  logprobs = token_logprobs(logits, rollout.completion_ids)
-  pg_loss, aux = policy_loss(cfg.policy_loss, logprobs, mb["old_logprobs"], mb["advantages"], mask)
-  entropy = masked_mean(entropy_from_logits(logits), mask)
+  policy = nnx.merge(state.policy_graphdef, params["policy"])
+  hidden = completion_hidden(policy, rollout)
+  logprobs, entropy = completion_logprobs(policy, rollout, hidden, with_entropy=True)
+  pg_loss, aux = policy_loss(cfg.policy_loss, logprobs, mb.old_logprobs, mb.advantages, mask)
+  entropy = masked_mean(entropy, mask)
   loss = pg_loss - cfg.ent_coef * entropy
   metrics = {"pg_loss": pg_loss, "entropy": entropy, **aux}
   if not cfg.kl.in_reward:
-    kl_loss = masked_mean(kl_lib.kl_penalty(cfg.kl.estimator, logprobs, mb["ref_logprobs"]), mask)
-    loss = loss + mb["kl_coef"] * kl_loss
+    kl_loss = masked_mean(kl_lib.kl_penalty(cfg.kl.estimator, logprobs, mb.ref_logprobs), mask)
+    loss = loss + kl_coef * kl_loss
     metrics["kl_loss"] = kl_loss
+  values = cfg.critic_impl.values(state.value_graphdef, params["value"], rollout, lambda: hidden)
   if values is not None:
-    vf_loss, vf_aux = value_loss(cfg.value_loss, values, mb["old_values"], mb["returns"], mask)
+    vf_loss, vf_aux = value_loss(cfg.value_loss, values, mb.old_values, mb.returns, mask)
     loss = loss + cfg.vf_coef * vf_loss
     metrics.update(value_loss=vf_loss, **vf_aux)
   metrics["loss"] = loss
@@ -205,7 +206,8 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
   Args:
     cfg: PPOConfig.
     state: TrainState.
-    scored: output of `score` (with `values` from `critic_values` when there is a critic).
+    scored: output of `collect` (values present iff the critic has them). Its rollout's
+      recorded temperature is the one the log-probs are recomputed at.
 
   Returns:
     (new state, metrics averaged over all minibatch steps plus batch statistics).
@@ -215,27 +217,26 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
   b = mask.shape[0]
   if b % cfg.num_minibatches:
     raise ValueError(f"batch size {b} is not divisible by num_minibatches={cfg.num_minibatches}")
-  if (scored.values is None) != (cfg.critic == "none"):
+  if (scored.values is None) == cfg.critic_impl.has_values:
     raise ValueError(f"critic={cfg.critic!r} but scored.values is "
                      f"{'missing' if scored.values is None else 'present'}")
   chex.assert_equal_shape([mask, scored.token_rewards, rollout.logprobs])
   advantages, returns = compute_advantages(
       cfg.advantage, AdvantageInputs(token_rewards=scored.token_rewards, values=scored.values,
-                                     mask=mask))
+                                     mask=mask, group_size=cfg.group_size))
   if cfg.whiten_advantages:
     advantages = masked_whiten(advantages, mask)
-  batch = {
-      "rollout": rollout, "old_logprobs": rollout.logprobs, "ref_logprobs": scored.ref_logprobs,
-      "advantages": advantages, "returns": returns,
-      "old_values": scored.values if scored.values is not None else jnp.zeros_like(mask),
-  }
+  batch = Minibatch(
+      rollout=rollout, old_logprobs=rollout.logprobs, ref_logprobs=scored.ref_logprobs,
+      advantages=advantages, returns=returns,
+      old_values=scored.values if scored.values is not None else jnp.zeros_like(mask))
   kl_coef = state.kl.coef
   mb_size = b // cfg.num_minibatches
-  grad_fn = jax.grad(lambda p, mb: _minibatch_loss(cfg, state, p, mb), has_aux=True)
+  grad_fn = jax.grad(lambda p, mb: _minibatch_loss(cfg, state, p, mb, kl_coef), has_aux=True)
 
   def minibatch_step(carry, mb):
     params, opt_state = carry
-    grads, metrics = grad_fn(params, dict(mb, kl_coef=kl_coef))
+    grads, metrics = grad_fn(params, mb)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
@@ -259,7 +260,7 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
       epoch, (state.params, state.opt_state), keys)
   metrics = jax.tree.map(jnp.mean, per_step)
   metrics["nonfinite_steps"] = per_step["nonfinite_steps"].sum()
-  seq_kl = (scored.kl * mask).sum(-1).mean()
+  seq_kl = masked_sum(scored.kl, mask, axis=-1).mean()
   new_kl = kl_lib.update_kl_controller(cfg.kl, state.kl, seq_kl, b)
   if scored.values is not None:
     metrics["explained_variance"] = explained_variance(scored.values, returns, mask)

@@ -18,32 +18,36 @@ from rlhf_jax.models import init_cache
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """How completions are sampled.
+  """How completions are sampled: the one home of the sampling temperature.
 
   Attributes:
     max_new_tokens: Completion buffer length N.
-    eos_token_id: Ends a completion (kept in it, and masked in). None: no stop token, every
-      completion has exactly max_new_tokens tokens (fixed work, as benchmarks want).
-    pad_token_id: Fills the buffer after EOS; must differ from EOS, else padding reads as EOS.
-    temperature: Logits are divided by it before sampling; the returned log-probs use the same
-      tempered distribution, which `score` and `ppo_update` must also use (N implementation
-      details of RLHF, Huang et al. 2024).
+    temperature: Logits are divided by it before sampling. A `Rollout` records the config it was
+      sampled with, and `score` and `ppo_update` recompute log-probs under that same tempered
+      distribution (N implementation details of RLHF, Huang et al. 2024), so the temperatures
+      of sampling and training cannot diverge.
     top_k: Keep the k most likely tokens (0: off).
     top_p: Nucleus sampling (Holtzman et al. 2020): keep the smallest set with mass >= top_p.
     greedy: Take the argmax instead of sampling.
     decode_layout: "token_major" (activations [B, d]), "feature_major" (activations [d, B] and a
-      transposed copy of the blocks' weights, made once per rollout: see
-      `Decoder.feature_major_weights`) or "auto": feature-major on CPU only, where XLA runs the
-      decode step's few-row matmuls faster that way; accelerators would only pay the memory.
+      transposed copy of the blocks' weights, made once per rollout) or "auto": feature-major on
+      CPU only; a layout, not a result.
+    eos_token_id: Ends a completion (kept in it, and masked in). None: the tokenizer's, filled in
+      by `with_special_tokens`.
+    pad_token_id: Fills the buffer after EOS; must differ from EOS, else padding reads as EOS.
+      None: the tokenizer's.
+    ignore_eos: Never stop at EOS: every completion has exactly max_new_tokens tokens (fixed
+      work, as benchmarks want; vLLM's `ignore_eos`).
   """
-  max_new_tokens: int
-  eos_token_id: int | None
-  pad_token_id: int
+  max_new_tokens: int = 16
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   greedy: bool = False
   decode_layout: str = "auto"
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
+  ignore_eos: bool = False
 
   def __post_init__(self):
     if self.decode_layout not in ("auto", "token_major", "feature_major"):
@@ -51,7 +55,7 @@ class SamplingConfig:
                        f"{self.decode_layout!r}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.eos_token_id == self.pad_token_id:
+    if self.pad_token_id is not None and self.eos_token_id == self.pad_token_id:
       raise ValueError(f"pad_token_id must differ from eos_token_id (both {self.pad_token_id})")
     if self.temperature <= 0:
       raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
@@ -59,6 +63,20 @@ class SamplingConfig:
       raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  def with_special_tokens(self, eos_token_id: int | None,
+                          pad_token_id: int | None) -> "SamplingConfig":
+    """This config with its unset EOS / padding ids taken from a tokenizer's."""
+    return dataclasses.replace(
+        self, eos_token_id=self.eos_token_id if self.eos_token_id is not None else eos_token_id,
+        pad_token_id=self.pad_token_id if self.pad_token_id is not None else pad_token_id)
+
+  def check_special_tokens(self) -> None:
+    """Raises unless the ids `rollout` needs are set."""
+    if self.pad_token_id is None:
+      raise ValueError("SamplingConfig.pad_token_id is not set (see with_special_tokens)")
+    if self.eos_token_id is None and not self.ignore_eos:
+      raise ValueError("SamplingConfig.eos_token_id is not set: give one or set ignore_eos=True")
 
 
 @flax.struct.dataclass
@@ -70,12 +88,19 @@ class Rollout:
     completion_ids: [B, N], pad after the first EOS.
     completion_mask: [B, N] float32, 1 through the first EOS inclusive.
     logprobs: [B, N] float32 log-probs of the sampled tokens under softmax(logits / T), 0 on padding.
+    sampling: The SamplingConfig the completions were drawn with (static): whoever recomputes
+      their log-probs reads the temperature here.
   """
   prompt_ids: jax.Array
   prompt_mask: jax.Array
   completion_ids: jax.Array
   completion_mask: jax.Array
   logprobs: jax.Array
+  sampling: SamplingConfig = flax.struct.field(pytree_node=False)
+
+  @property
+  def temperature(self) -> float:
+    return self.sampling.temperature
 
   @property
   def sequences(self) -> jax.Array:
@@ -85,6 +110,14 @@ class Rollout:
   def sequence_mask(self) -> jax.Array:
     return jnp.concatenate(
         [self.prompt_mask.astype(jnp.float32), self.completion_mask.astype(jnp.float32)], axis=1)
+
+  @property
+  def finished(self) -> jax.Array:
+    """[B] bool: the completion contains EOS (rather than being cut at max_new_tokens)."""
+    eos = self.sampling.eos_token_id
+    if eos is None:
+      return jnp.zeros(self.completion_ids.shape[:1], jnp.bool_)
+    return jnp.any((self.completion_ids == eos) & (self.completion_mask > 0), axis=-1)
 
 
 def keep_mask(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -181,6 +214,7 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   """
   chex.assert_rank([prompt_ids, prompt_mask], 2)
   chex.assert_equal_shape([prompt_ids, prompt_mask])
+  cfg.check_special_tokens()
   model = nnx.merge(graphdef, params)
   b, p = prompt_ids.shape
   n = cfg.max_new_tokens
@@ -201,7 +235,7 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
     logprobs = jax.lax.dynamic_update_slice_in_dim(
         logprobs, jnp.where(live, lp, 0.0)[:, None], t, axis=1)
     valid = jax.lax.dynamic_update_slice_in_dim(valid, live[:, None], t, axis=1)
-    if cfg.eos_token_id is not None:
+    if not cfg.ignore_eos:
       done = jnp.logical_or(done, tok == cfg.eos_token_id)
     return tok, live, tokens, logprobs, valid, done
 
@@ -225,4 +259,17 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   init = (jnp.ones((), jnp.int32), *first, cache)
   _, _, _, tokens, logprobs, valid, _, _ = jax.lax.while_loop(cond, body, init)
   return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=tokens,
-                 completion_mask=valid.astype(jnp.float32), logprobs=logprobs)
+                 completion_mask=valid.astype(jnp.float32), logprobs=logprobs,
+                 sampling=cfg)
+
+
+def completion_hidden(model, rollout: Rollout) -> jax.Array:
+  """Final hidden states [B, N, d] of `model` at the positions that predict each completion token.
+
+  Position P-1+t (the last prompt token, then each completion token) predicts completion token t;
+  the decoder computes its last block only there.
+  """
+  p, n = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+  hidden, _ = model.decoder(rollout.sequences, attention_mask=rollout.sequence_mask,
+                            keep=(p - 1, p + n - 1))
+  return hidden

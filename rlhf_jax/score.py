@@ -8,8 +8,7 @@ penalised; the KL to the reference is estimated per token and either subtracted 
 reward (Ziegler et al. 2019) with the sequence score added at the last token, or left to the loss.
 """
 
-import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import chex
 import flax.struct
@@ -19,31 +18,15 @@ from flax import nnx
 
 from rlhf_jax import kl as kl_lib
 from rlhf_jax.losses import entropy_from_logits, token_logprobs
-from rlhf_jax.masked import masked_mean, masked_sum, masked_whiten
-from rlhf_jax.rollout import Rollout
+from rlhf_jax.masked import last_valid_mask, masked_mean, masked_sum, masked_whiten
+from rlhf_jax.rollout import Rollout, completion_hidden
+
+if TYPE_CHECKING:   # ppo imports this module
+  from rlhf_jax.ppo import PPOConfig
 
 # A reward: fn(reward_params, rollout) -> scores [B]. `reward_params` is any pytree (None for
 # rule-based rewards), passed as a jit argument so weights are never baked into the program.
 RewardFn = Callable[[Any, Rollout], jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreConfig:
-  """How a rollout becomes per-token rewards.
-
-  Attributes:
-    eos_token_id: Marks a finished completion.
-    temperature: The sampling temperature (log-probs are computed from logits / T).
-    kl: Estimator, placement (reward or loss) and controller of the KL penalty.
-    missing_eos_penalty: Subtracted from the score of completions cut before EOS (TRL's
-      `missing_eos_penalty`; 0 disables it).
-    whiten_scores: Whiten sequence scores over the batch after normalisation.
-  """
-  eos_token_id: int
-  temperature: float = 1.0
-  kl: kl_lib.KLConfig = kl_lib.KLConfig()
-  missing_eos_penalty: float = 0.0
-  whiten_scores: bool = False
 
 
 @flax.struct.dataclass
@@ -88,40 +71,21 @@ class Scored:
   values: jax.Array | None = None
 
 
-def completion_hidden(model, rollout: Rollout) -> jax.Array:
-  """Hidden states [B, N, d] at the positions that predict each completion token.
-
-  Position P-1+t (the last prompt token, then each completion token) predicts completion token t.
-  """
-  p, n = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
-  hidden, _ = model.decoder(rollout.sequences, attention_mask=rollout.sequence_mask,
-                            keep=(p - 1, p + n - 1))
-  return hidden
-
-
-def completion_logprobs(graphdef: nnx.GraphDef, params: nnx.State, rollout: Rollout,
-                        temperature: float, with_entropy: bool = False):
+def completion_logprobs(model, rollout: Rollout, hidden: jax.Array | None = None,
+                        with_entropy: bool = False):
   """log pi(completion_t | prefix) under softmax(logits / T), [B, N], 0 on padding.
 
-  With `with_entropy`, also the per-token entropy of that distribution.
+  T is the temperature the rollout was sampled at. `hidden`: the model's `completion_hidden`, when
+  the caller has it already. With `with_entropy`, also the per-token entropy of that distribution.
   """
-  model = nnx.merge(graphdef, params)
-  logits = model.logits(completion_hidden(model, rollout)) / temperature
-  logp = token_logprobs(logits, rollout.completion_ids) * rollout.completion_mask
+  if hidden is None:
+    hidden = completion_hidden(model, rollout)
+  logits = model.logits(hidden) / rollout.temperature
+  valid = rollout.completion_mask > 0
+  logp = jnp.where(valid, token_logprobs(logits, rollout.completion_ids), 0.0)
   if with_entropy:
-    return logp, entropy_from_logits(logits) * rollout.completion_mask
+    return logp, jnp.where(valid, entropy_from_logits(logits), 0.0)
   return logp
-
-
-def last_token_index(mask: jax.Array) -> jax.Array:
-  """Index of the last valid entry of each row of a [B, T] mask (0 for an empty row)."""
-  t = mask.shape[-1]
-  return jnp.max(jnp.where(mask > 0, jnp.arange(t), 0), axis=-1)
-
-
-def has_eos(rollout: Rollout, eos_token_id: int) -> jax.Array:
-  """[B] bool: the completion contains EOS (rather than being cut at max_new_tokens)."""
-  return jnp.any((rollout.completion_ids == eos_token_id) & (rollout.completion_mask > 0), axis=-1)
 
 
 def reward_model_fn(graphdef: nnx.GraphDef) -> RewardFn:
@@ -132,10 +96,10 @@ def reward_model_fn(graphdef: nnx.GraphDef) -> RewardFn:
   return fn
 
 
-def score(cfg: ScoreConfig, rollout: Rollout, *, ref_graphdef: nnx.GraphDef,
+def score(cfg: "PPOConfig", rollout: Rollout, *, ref_graphdef: nnx.GraphDef,
           ref_params: nnx.State, reward_fn: RewardFn, reward_params: Any,
-          kl_coef: jax.Array, reward_norm: RewardNorm | None = None,
-          values: jax.Array | None = None) -> tuple[Scored, dict[str, jax.Array]]:
+          kl_coef: jax.Array,
+          reward_norm: RewardNorm | None = None) -> tuple[Scored, dict[str, jax.Array]]:
   """Scores a rollout and builds per-token rewards.
 
   score_i = gain * r_i + bias - penalty * [no EOS in completion i]   (optionally whitened)
@@ -143,32 +107,31 @@ def score(cfg: ScoreConfig, rollout: Rollout, *, ref_graphdef: nnx.GraphDef,
   token_reward_{i,t} = -beta * kl_{i,t} * [KL in reward] + score_i * [t = last valid token]
 
   Args:
-    cfg: ScoreConfig (static).
-    rollout: from `rollout`; its `logprobs` are the policy's sampling log-probs.
+    cfg: PPOConfig (static): reads `kl`, `missing_eos_penalty` and `whiten_scores`.
+    rollout: from `rollout`; its `logprobs` are the policy's sampling log-probs, at the
+      temperature it records.
     ref_graphdef, ref_params: the frozen reference policy.
     reward_fn, reward_params: the reward (a reward model via `reward_model_fn`, or any
       jittable function of the rollout, e.g. a verifiable/rule-based reward).
     kl_coef: beta, a float32 scalar (from the KL controller).
     reward_norm: affine normalisation of the raw scores (identity if None).
-    values: critic values [B, N] at sampling time, passed through to `Scored`.
 
   Returns:
-    (Scored, metrics).
+    (Scored without values: `collect` adds the critic's, metrics).
   """
   mask = rollout.completion_mask
   chex.assert_rank([mask, rollout.logprobs], 2)
-  ref_logprobs = completion_logprobs(ref_graphdef, ref_params, rollout, cfg.temperature)
+  ref_logprobs = completion_logprobs(nnx.merge(ref_graphdef, ref_params), rollout)
   kl = jnp.where(mask > 0, kl_lib.kl_penalty(cfg.kl.estimator, rollout.logprobs, ref_logprobs), 0.0)
   raw = reward_fn(reward_params, rollout).astype(jnp.float32)
   chex.assert_shape(raw, (mask.shape[0],))
   norm = reward_norm if reward_norm is not None else RewardNorm.identity()
   scores = norm.gain * raw + norm.bias
-  eos = has_eos(rollout, cfg.eos_token_id)
+  eos = rollout.finished
   scores = scores - cfg.missing_eos_penalty * (1.0 - eos.astype(jnp.float32))
   if cfg.whiten_scores:
     scores = masked_whiten(scores, jnp.ones_like(scores))
-  last = jax.nn.one_hot(last_token_index(mask), mask.shape[1], dtype=jnp.float32) * mask
-  token_rewards = scores[:, None] * last
+  token_rewards = jnp.where(last_valid_mask(mask), scores[:, None], 0.0)
   if cfg.kl.in_reward:
     token_rewards = token_rewards - kl_coef * kl
   seq_kl = masked_sum(kl, mask, axis=-1)
@@ -185,4 +148,4 @@ def score(cfg: ScoreConfig, rollout: Rollout, *, ref_graphdef: nnx.GraphDef,
       "eos_rate": eos.astype(jnp.float32).mean(),
   }
   return Scored(rollout=rollout, ref_logprobs=ref_logprobs, kl=kl, raw_scores=raw, scores=scores,
-                token_rewards=token_rewards, values=values), metrics
+                token_rewards=token_rewards), metrics

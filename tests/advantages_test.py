@@ -129,8 +129,8 @@ def test_gae_lambda1_is_monte_carlo_minus_value():
 @pytest.mark.parametrize("group_size", [2, 3])
 def test_grpo_matches_loop(group_size):
   rewards, _, mask = _batch(3)
-  cfg = adv_lib.AdvantageConfig("grpo", group_size=group_size, eps=1e-6)
-  adv, ret = compute(cfg, adv_lib.AdvantageInputs(rewards, None, mask))
+  cfg = adv_lib.AdvantageConfig("grpo", eps=1e-6)
+  adv, ret = compute(cfg, adv_lib.AdvantageInputs(rewards, None, mask, group_size))
   np.testing.assert_allclose(adv, grpo_reference(rewards, mask, group_size, 1e-6), rtol=1e-4,
                              atol=1e-5)
   np.testing.assert_array_equal(ret, adv)
@@ -140,16 +140,16 @@ def test_grpo_equal_rewards_give_zero_advantage():
   mask = np.ones((4, 3), np.float32)
   rewards = np.zeros((4, 3), np.float32)
   rewards[:, -1] = 1.0
-  cfg = adv_lib.AdvantageConfig("grpo", group_size=4)
-  adv, _ = adv_lib.compute_advantages(cfg, adv_lib.AdvantageInputs(rewards, None, mask))
+  cfg = adv_lib.AdvantageConfig("grpo")
+  adv, _ = adv_lib.compute_advantages(cfg, adv_lib.AdvantageInputs(rewards, None, mask, 4))
   np.testing.assert_array_equal(adv, 0.0)
 
 
 @pytest.mark.parametrize("group_size", [2, 3])
 def test_rloo_matches_loop(group_size):
   rewards, _, mask = _batch(4)
-  cfg = adv_lib.AdvantageConfig("rloo", group_size=group_size)
-  adv, ret = compute(cfg, adv_lib.AdvantageInputs(rewards, None, mask))
+  cfg = adv_lib.AdvantageConfig("rloo")
+  adv, ret = compute(cfg, adv_lib.AdvantageInputs(rewards, None, mask, group_size))
   np.testing.assert_allclose(adv, rloo_reference(rewards, mask, group_size), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(ret, adv)
 
@@ -157,8 +157,8 @@ def test_rloo_matches_loop(group_size):
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 def test_reinforce_pp_baseline_matches_loop(gamma):
   rewards, _, mask = _batch(5)
-  cfg = adv_lib.AdvantageConfig("reinforce_pp_baseline", gamma=gamma, group_size=3)
-  adv, ret = adv_lib.compute_advantages(cfg, adv_lib.AdvantageInputs(rewards, None, mask))
+  cfg = adv_lib.AdvantageConfig("reinforce_pp_baseline", gamma=gamma)
+  adv, ret = adv_lib.compute_advantages(cfg, adv_lib.AdvantageInputs(rewards, None, mask, 3))
   ref_adv, ref_ret = reinforce_pp_baseline_reference(rewards, mask, 3, gamma)
   np.testing.assert_allclose(adv, ref_adv, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-5)
@@ -179,12 +179,12 @@ def test_reinforce_matches_loop(gamma):
                                        "reinforce"])
 def test_masked_entries_never_influence_results(estimator):
   rewards, values, mask = _batch(7)
-  cfg = adv_lib.AdvantageConfig(estimator, gamma=0.95, group_size=3)
-  clean = adv_lib.compute_advantages(cfg, adv_lib.AdvantageInputs(rewards, values, mask))
+  cfg = adv_lib.AdvantageConfig(estimator, gamma=0.95)
+  clean = adv_lib.compute_advantages(cfg, adv_lib.AdvantageInputs(rewards, values, mask, 3))
   garbage_rewards = np.where(mask > 0, rewards, np.float32(np.nan))
   garbage_values = np.where(mask > 0, values, np.float32(1e30))
   dirty = adv_lib.compute_advantages(
-      cfg, adv_lib.AdvantageInputs(garbage_rewards, garbage_values, mask.astype(bool)))
+      cfg, adv_lib.AdvantageInputs(garbage_rewards, garbage_values, mask.astype(bool), 3))
   for c, d in zip(clean, dirty, strict=True):
     np.testing.assert_array_equal(c, d)
     assert c.dtype == jnp.float32
@@ -195,8 +195,8 @@ def test_masked_entries_never_influence_results(estimator):
 def test_group_size_must_divide_batch():
   rewards, _, mask = _batch()
   with pytest.raises(ValueError, match="group_size 4 must divide the batch size 6"):
-    adv_lib.compute_advantages(adv_lib.AdvantageConfig("grpo", group_size=4),
-                               adv_lib.AdvantageInputs(rewards, None, mask))
+    adv_lib.compute_advantages(adv_lib.AdvantageConfig("grpo"),
+                               adv_lib.AdvantageInputs(rewards, None, mask, 4))
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp_baseline"])

@@ -1,22 +1,30 @@
-"""bench/ppo_bench.py: FLOP counts against TRL's published figures, and a shrunk end-to-end run."""
+"""bench/: FLOP counts against TRL's published figures, the CLI's checks, a shrunk end-to-end run."""
 
-import importlib.util
+import importlib
 import json
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "ppo_bench.py"
+BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "bench"
+BENCH = BENCH_DIR / "ppo_bench.py"
+MODULES = ("flops", "ppo_bench", "summary", "workload")
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("ppo_bench", BENCH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """bench/ holds scripts, not a package: its modules import each other by name, as they do when
+  `python bench/ppo_bench.py` puts bench/ first on sys.path; so the fixture does the same."""
+  sys.path.insert(0, str(BENCH_DIR))
+  try:
+    yield types.SimpleNamespace(**{name: importlib.import_module(name) for name in MODULES})
+  finally:
+    sys.path.remove(str(BENCH_DIR))
+    for name in MODULES:
+      sys.modules.pop(name, None)
 
 
 # GFLOP per iteration from shared/reference/trl_ppo_cpu.md (TRL's own count, one decimal).
@@ -30,15 +38,15 @@ TRL_GFLOP = {
 
 @pytest.mark.parametrize("preset", sorted(TRL_GFLOP))
 def test_trl_formula_reproduces_trls_published_flops(bench, preset):
-  counted = bench.trl_flops(bench.PRESETS[preset])["per_iteration"]
+  counted = bench.flops.trl_flops(bench.workload.PRESETS[preset])["per_iteration"]
   for phase, gflop in TRL_GFLOP[preset].items():
     assert counted[phase] / 1e9 == pytest.approx(gflop, abs=0.051), phase
 
 
 def test_shared_critic_executes_less_training_work(bench):
-  p = bench.PRESETS["tiny"]
-  separate = bench.executed_flops(p, "separate")["per_iteration"]
-  shared = bench.executed_flops(p, "shared")["per_iteration"]
+  p = bench.workload.PRESETS["tiny"]
+  separate = bench.flops.executed_flops(p, "separate")["per_iteration"]
+  shared = bench.flops.executed_flops(p, "shared")["per_iteration"]
   assert shared["ppo_train_fwd_bwd"] < separate["ppo_train_fwd_bwd"]
   assert {k: v for k, v in shared.items() if k not in ("ppo_train_fwd_bwd", "total")} == {
       k: v for k, v in separate.items() if k not in ("ppo_train_fwd_bwd", "total")}
@@ -67,6 +75,6 @@ def test_shrunk_run_prints_one_json_line(tmp_path):
 @pytest.mark.parametrize("flag,value", [("--iters", "0"), ("--warmup", "-1"), ("--rounds", "0")])
 def test_counts_out_of_range_are_refused(bench, flag, value, capsys):
   with pytest.raises(SystemExit) as exc:
-    bench.parse_args([flag, value])
+    bench.ppo_bench.parse_args([flag, value])
   assert exc.value.code == 2
   assert f"{flag} must be" in capsys.readouterr().err

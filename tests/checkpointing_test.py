@@ -89,13 +89,14 @@ def test_another_runs_checkpoint_is_refused_by_name(tokenizer, tmp_path):
 def test_fingerprint_ignores_resumable_fields():
   cfg = PPOTrainerConfig(batch_size=8, max_steps=5, optim=OptimConfig(total_steps=5))
   longer = dataclasses.replace(cfg, max_steps=50, optim=OptimConfig(total_steps=50),
-                               decode_layout="token_major")
+                               sampling=dataclasses.replace(cfg.sampling,
+                                                            decode_layout="token_major"))
   other = dataclasses.replace(cfg, batch_size=16)
   fp = checkpointing.config_fingerprint(cfg)
   assert fp == checkpointing.config_fingerprint(longer)
   assert checkpointing.fingerprint_mismatches(fp, checkpointing.config_fingerprint(other)) == [
       "batch_size=8 in the checkpoint but 16 in this run"]
-  assert fp["ppo.policy_loss.clip_eps"] == 0.2
+  assert fp["policy_loss.clip_eps"] == 0.2
   json.dumps(fp)
 
 

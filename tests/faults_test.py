@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import faults, kl as kl_lib, ppo
+from rlhf_jax import faults, kl as kl_lib
 
 import tiny_ppo
 from tiny_ppo import persistent_compilation_cache, tokenizer  # noqa: F401  (fixtures)
@@ -63,8 +63,7 @@ def test_trainer_stops_on_a_run_of_nonfinite_rewards_with_params_untouched(token
   trainer, _ = tiny_ppo.trainer(
       tokenizer, tmp_path, max_steps=10, reward_fn=_nan_reward, normalize_reward=False,
       max_nonfinite_iterations=2, eval_every=0,
-      ppo=ppo.PPOConfig(ppo_epochs=1, num_minibatches=2,
-                        kl=kl_lib.KLConfig(controller="adaptive")))
+      kl=kl_lib.KLConfig(controller="adaptive"))
   before = jax.device_get(trainer.state.params)
   with pytest.raises(FloatingPointError, match=r"2 consecutive iterations \(steps 1-2\); at step "
                                                r"2: reward_mean=nan, 2 minibatch steps skipped"):

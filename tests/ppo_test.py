@@ -12,9 +12,9 @@ from flax import nnx
 from rlhf_jax import kl as kl_lib
 from rlhf_jax import losses, models, optim, ppo, sharding
 from rlhf_jax.advantages import AdvantageConfig
+from rlhf_jax.collect import collect
 from rlhf_jax.masked import masked_mean
-from rlhf_jax.rollout import SamplingConfig, rollout
-from rlhf_jax.score import ScoreConfig, score
+from rlhf_jax.rollout import SamplingConfig
 
 VOCAB, EOS, PAD, TARGET = 32, 2, 0, 7
 CFG = models.DecoderConfig(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2,
@@ -47,17 +47,11 @@ def _setup(pcfg, lr=3e-3, seed=0):
   return state, ref_graphdef, ref_params
 
 
-def _collect_fn(pcfg, ref_graphdef, scfg=SAMPLING):
-  score_cfg = ScoreConfig(eos_token_id=EOS, temperature=scfg.temperature, kl=pcfg.kl)
-
-  @jax.jit
-  def collect(state, ref_params, ids, mask, key):
-    ro = rollout(state.policy_graphdef, state.params["policy"], ids, mask, key, scfg)
-    values = ppo.critic_values(pcfg, state, ro)
-    return score(score_cfg, ro, ref_graphdef=ref_graphdef, ref_params=ref_params,
-                 reward_fn=target_share, reward_params=None, kl_coef=state.kl.coef,
-                 values=values)
-  return collect
+def _collect_fn(pcfg, ref_graphdef):
+  run = jax.jit(functools.partial(collect, pcfg, ref_graphdef=ref_graphdef,
+                                  reward_fn=target_share))
+  return lambda state, ref_params, ids, mask, key: run(
+      state, ids, mask, key, ref_params=ref_params, reward_params=None)
 
 
 def _train(pcfg, iters, ids, mask, lr=3e-3, seed=0):
@@ -74,7 +68,7 @@ def _train(pcfg, iters, ids, mask, lr=3e-3, seed=0):
 
 def test_learns_known_reward_with_gae_and_bounded_kl():
   ids, mask = _prompts(32)
-  pcfg = ppo.PPOConfig(num_minibatches=4, critic="separate",
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=4, critic="separate",
                        kl=kl_lib.KLConfig(init_coef=0.05))
   _, hist = _train(pcfg, 14, ids, mask)
   first = np.mean([h["raw_score_mean"] for h in hist[:2]])
@@ -91,9 +85,10 @@ def test_learns_known_reward_with_gae_and_bounded_kl():
 def test_learns_with_group_relative_estimator_and_kl_in_loss():
   ids, mask = _prompts(8)
   ids, mask = jnp.repeat(ids, 4, axis=0), jnp.repeat(mask, 4, axis=0)   # groups of 4 per prompt
-  pcfg = ppo.PPOConfig(num_minibatches=2, critic="none", whiten_advantages=False,
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=2, critic="none",
+                       whiten_advantages=False, group_size=4,
                        policy_loss=losses.PolicyLossConfig(name="grpo"),
-                       advantage=AdvantageConfig(estimator="grpo", group_size=4),
+                       advantage=AdvantageConfig(estimator="grpo"),
                        kl=kl_lib.KLConfig(estimator="k3", in_reward=False, init_coef=0.02))
   _, hist = _train(pcfg, 12, ids, mask)
   first = np.mean([h["raw_score_mean"] for h in hist[:2]])
@@ -104,7 +99,7 @@ def test_learns_with_group_relative_estimator_and_kl_in_loss():
 
 def test_shared_critic_trains_value_head():
   ids, mask = _prompts(16)
-  pcfg = ppo.PPOConfig(num_minibatches=2, critic="shared")
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=2, critic="shared")
   state, hist = _train(pcfg, 4, ids, mask)
   assert np.abs(np.asarray(state.params["value"]["head"])).sum() > 0
   assert all(np.isfinite(h["value_loss"]) for h in hist)
@@ -113,7 +108,7 @@ def test_shared_critic_trains_value_head():
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
 def test_same_update_on_one_and_eight_devices(mesh_shape):
   ids, mask = _prompts(16)
-  pcfg = ppo.PPOConfig(num_minibatches=2, ppo_epochs=2, critic="separate")
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=2, ppo_epochs=2, critic="separate")
   state, ref_graphdef, ref_params = _setup(pcfg)
   scored, _ = _collect_fn(pcfg, ref_graphdef)(state, ref_params, ids, mask, jax.random.key(1))
   scored = jax.device_get(scored)
@@ -150,7 +145,7 @@ def test_registered_custom_loss_trains_without_touching_the_trainer():
           "custom_metric": jnp.ones(()),
       }
   ids, mask = _prompts(32)
-  pcfg = ppo.PPOConfig(num_minibatches=4, critic="separate",
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=4, critic="separate",
                        policy_loss=losses.PolicyLossConfig(name=name))
   _, hist = _train(pcfg, 14, ids, mask)
   assert hist[-1]["custom_metric"] == 1.0
@@ -166,7 +161,7 @@ def test_unknown_loss_name_is_a_clear_error():
 
 def test_nonfinite_minibatch_is_skipped_and_counted():
   ids, mask = _prompts(8)
-  pcfg = ppo.PPOConfig(num_minibatches=2, ppo_epochs=1, critic="separate")
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=2, ppo_epochs=1, critic="separate")
   state, ref_graphdef, ref_params = _setup(pcfg)
   scored, _ = _collect_fn(pcfg, ref_graphdef)(state, ref_params, ids, mask, jax.random.key(1))
   bad = scored.replace(token_rewards=scored.token_rewards.at[0, 0].set(jnp.nan))
@@ -187,9 +182,37 @@ def test_explained_variance_matches_numpy():
 
 def test_adaptive_kl_controller_state_moves_with_kl():
   ids, mask = _prompts(16)
-  pcfg = ppo.PPOConfig(num_minibatches=2, critic="separate",
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=2, critic="separate",
                        kl=kl_lib.KLConfig(estimator="k3", controller="adaptive", target=0.01,
                                           horizon=100, init_coef=0.1))
   state, hist = _train(pcfg, 3, ids, mask)
   assert hist[-1]["kl"] > 0.01
   assert float(state.kl.coef) > 0.1   # KL above target -> coefficient grows
+
+
+def _field_paths(cls, prefix=""):
+  for f in dataclasses.fields(cls):
+    if dataclasses.is_dataclass(f.default):
+      yield from _field_paths(type(f.default), f"{prefix}{f.name}.")
+    else:
+      yield prefix + f.name
+
+
+def test_sampling_and_training_temperature_cannot_diverge():
+  from rlhf_jax.trainers.ppo import PPOTrainerConfig
+  # One home: the only temperature anywhere in the PPO config tree is the sampler's.
+  assert [p for p in _field_paths(PPOTrainerConfig) if "temperature" in p] == [
+      "sampling.temperature"]
+  ids, mask = _prompts(8)
+  pcfg = ppo.PPOConfig(sampling=dataclasses.replace(SAMPLING, temperature=0.7), ppo_epochs=1,
+                       num_minibatches=1, critic="separate")
+  state, ref_graphdef, ref_params = _setup(pcfg)
+  scored, metrics = _collect_fn(pcfg, ref_graphdef)(state, ref_params, ids, mask,
+                                                    jax.random.key(3))
+  assert scored.rollout.temperature == 0.7
+  # Reference == policy at the start: score recomputed the sampler's own tempered log-probs.
+  np.testing.assert_allclose(scored.ref_logprobs, scored.rollout.logprobs, atol=1e-5)
+  assert abs(float(metrics["kl"])) < 1e-4
+  # ppo_update's first (and only) step sees ratio 1 on every token: it used T = 0.7 too.
+  _, um = jax.jit(ppo.ppo_update, static_argnums=0)(pcfg, state, scored)
+  assert abs(float(um["approx_kl"])) < 1e-6 and float(um["clipfrac"]) == 0.0

@@ -1,6 +1,7 @@
 """Tests for rlhf_jax.score against a NumPy transcription of its formulas."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,11 @@ from flax import nnx
 
 from rlhf_jax import kl as kl_lib
 from rlhf_jax import models
-from rlhf_jax import rollout as R
-from rlhf_jax import score as S
+from rlhf_jax.masked import last_valid_index
+from rlhf_jax.ppo import PPOConfig
+# The modules, not the `rollout` and `score` functions the package exports under their names.
+R = importlib.import_module("rlhf_jax.rollout")
+S = importlib.import_module("rlhf_jax.score")
 
 LLAMA = models.DecoderConfig(
     model_type="llama", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -30,8 +34,9 @@ PROMPT_LENGTHS = (4, 1, 3, 2, 4, 3)
 TARGET = 7
 
 
-def _rollout() -> R.Rollout:
-  """A hand-built rollout: left-padded prompts, EOS at EOS_AT, padding after it, some TARGETs."""
+def _rollout(temperature: float = 1.0) -> R.Rollout:
+  """A hand-built rollout: left-padded prompts, EOS at EOS_AT, padding after it, some TARGETs;
+  it says it was sampled at `temperature`."""
   rng = np.random.default_rng(0)
   prompt_mask = (np.arange(P)[None] >= P - np.asarray(PROMPT_LENGTHS)[:, None]).astype(np.int32)
   prompt_ids = np.where(prompt_mask > 0, rng.integers(3, 32, (B, P)), PAD)
@@ -46,7 +51,9 @@ def _rollout() -> R.Rollout:
                    prompt_mask=jnp.asarray(prompt_mask),
                    completion_ids=jnp.asarray(ids, jnp.int32),
                    completion_mask=jnp.asarray(mask),
-                   logprobs=jnp.asarray(logprobs, jnp.float32))
+                   logprobs=jnp.asarray(logprobs, jnp.float32),
+                   sampling=R.SamplingConfig(max_new_tokens=N, temperature=temperature,
+                                             eos_token_id=EOS, pad_token_id=PAD))
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +83,7 @@ def _kl_np(name: str, logp: np.ndarray, ref: np.ndarray) -> np.ndarray:
   return {"k1": d, "k2": 0.5 * d * d, "k3": np.exp(-d) - 1.0 + d}[name]
 
 
-def _reference_score(cfg: S.ScoreConfig, ro: R.Rollout, raw: np.ndarray, kl_coef: float,
+def _reference_score(cfg: PPOConfig, ro: R.Rollout, raw: np.ndarray, kl_coef: float,
                      gain: float, bias: float) -> dict[str, np.ndarray]:
   """Loop transcription of `score` given the raw sequence scores."""
   ref_logits, _ = _full_forwards()
@@ -89,7 +96,7 @@ def _reference_score(cfg: S.ScoreConfig, ro: R.Rollout, raw: np.ndarray, kl_coef
     for t in range(N):
       if mask[i, t] == 0:
         continue
-      z = ref_logits[i, P - 1 + t] / cfg.temperature  # position P-1+t predicts completion token t
+      z = ref_logits[i, P - 1 + t] / ro.temperature  # position P-1+t predicts completion token t
       ref_logprobs[i, t] = z[ids[i, t]] - z.max() - np.log(np.exp(z - z.max()).sum())
       kl[i, t] = _kl_np(cfg.kl.estimator, logp[i, t], ref_logprobs[i, t])
   eos = np.array([e is not None for e in EOS_AT])
@@ -119,7 +126,7 @@ def _raw_reward_model_scores() -> np.ndarray:
   return per_token[np.arange(B), P + last]
 
 
-def _jit_score(cfg: S.ScoreConfig, reward_fn: S.RewardFn):
+def _jit_score(cfg: PPOConfig, reward_fn: S.RewardFn):
   return jax.jit(functools.partial(S.score, cfg, ref_graphdef=_models()[0], reward_fn=reward_fn))
 
 
@@ -131,16 +138,14 @@ def _jit_score(cfg: S.ScoreConfig, reward_fn: S.RewardFn):
 def test_score_with_reward_model_matches_numpy(estimator, in_reward, temperature, penalty, whiten,
                                                norm, kl_coef):
   _, ref_params, reward_graphdef, reward_params = _models()
-  cfg = S.ScoreConfig(eos_token_id=EOS, temperature=temperature,
-                      kl=kl_lib.KLConfig(estimator=estimator, in_reward=in_reward),
-                      missing_eos_penalty=penalty, whiten_scores=whiten)
-  ro = _rollout()
-  values = jnp.asarray(np.random.default_rng(3).normal(size=(B, N)), jnp.float32)
+  cfg = PPOConfig(kl=kl_lib.KLConfig(estimator=estimator, in_reward=in_reward),
+                  missing_eos_penalty=penalty, whiten_scores=whiten)
+  ro = _rollout(temperature)
   reward_norm = None if norm is None else S.RewardNorm(gain=jnp.float32(norm[0]),
                                                        bias=jnp.float32(norm[1]))
   scored, metrics = _jit_score(cfg, S.reward_model_fn(reward_graphdef))(
       ro, ref_params=ref_params, reward_params=reward_params, kl_coef=jnp.float32(kl_coef),
-      reward_norm=reward_norm, values=values)
+      reward_norm=reward_norm)
   raw = _raw_reward_model_scores()
   gain, bias = (1.0, 0.0) if norm is None else norm
   ref = _reference_score(cfg, ro, raw, kl_coef, gain, bias)
@@ -150,7 +155,7 @@ def test_score_with_reward_model_matches_numpy(estimator, in_reward, temperature
   np.testing.assert_allclose(scored.kl, ref["kl"], **tol)
   np.testing.assert_allclose(scored.scores, ref["scores"], **tol)
   np.testing.assert_allclose(scored.token_rewards, ref["token_rewards"], **tol)
-  np.testing.assert_array_equal(scored.values, values)
+  assert scored.values is None   # the critic's values are collect's to add
   for name, value in ref["metrics"].items():
     np.testing.assert_allclose(metrics[name], value, err_msg=name, **tol)
   for x in (scored.raw_scores, scored.scores, scored.kl, scored.token_rewards):
@@ -169,9 +174,9 @@ def test_reward_model_is_read_at_the_eos_of_the_completion():
   direct = jax.jit(lambda p, ids, m: nnx.merge(reward_graphdef, p)(ids, attention_mask=m))(
       reward_params, seq, seq_mask)
   np.testing.assert_allclose(raw[row], direct[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(S.last_token_index(ro.completion_mask),
+  np.testing.assert_array_equal(last_valid_index(ro.completion_mask),
                                 [N - 1 if e is None else e for e in EOS_AT])
-  np.testing.assert_array_equal(S.has_eos(ro, EOS), [e is not None for e in EOS_AT])
+  np.testing.assert_array_equal(ro.finished, [e is not None for e in EOS_AT])
 
 
 def _target_share(params, ro: R.Rollout) -> jax.Array:
@@ -183,8 +188,8 @@ def _target_share(params, ro: R.Rollout) -> jax.Array:
 
 def test_plain_reward_function_replaces_the_reward_model():
   _, ref_params, _, _ = _models()
-  ro = _rollout()
-  cfg = S.ScoreConfig(eos_token_id=EOS, temperature=0.9, missing_eos_penalty=0.25)
+  ro = _rollout(0.9)
+  cfg = PPOConfig(missing_eos_penalty=0.25)
   scored, metrics = _jit_score(cfg, _target_share)(
       ro, ref_params=ref_params, reward_params=None, kl_coef=jnp.float32(0.1))
   mask = np.asarray(ro.completion_mask)
@@ -222,8 +227,7 @@ def test_kl_vanishes_when_policy_is_the_reference(estimator):
   base = _rollout()
   ro = _jit_rollout(ref_graphdef, sampling)(
       ref_params, base.prompt_ids, base.prompt_mask, jax.random.key(0))
-  cfg = S.ScoreConfig(eos_token_id=EOS, temperature=temperature,
-                      kl=kl_lib.KLConfig(estimator=estimator))
+  cfg = PPOConfig(kl=kl_lib.KLConfig(estimator=estimator))
   scored, metrics = _jit_score(cfg, _target_share)(
       ro, ref_params=ref_params, reward_params=None, kl_coef=jnp.float32(0.1))
   # Sampling (KV cache) and scoring (full forward) agree on every log-prob at the same T.

@@ -18,9 +18,10 @@ import pytest
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
-from rlhf_jax import data, models, ppo, sharding
+from rlhf_jax import data, models, sharding
 from rlhf_jax.metrics import MetricsWriter, read_jsonl
 from rlhf_jax.optim import OptimConfig
+from rlhf_jax.rollout import SamplingConfig
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -78,9 +79,9 @@ def trainer(tokenizer, workdir: pathlib.Path, max_steps: int, reward_fn=target_s
             **cfg_overrides) -> tuple[PPOTrainer, MetricsWriter]:
   """An in-process PPOTrainer on a (2, 2, 2) mesh, checkpointing every step under `workdir`."""
   cfg = PPOTrainerConfig(**{
-      **dict(batch_size=8, max_prompt_len=4, max_new_tokens=4, max_steps=max_steps, eval_every=2,
-             num_eval_prompts=8, checkpoint_every=1, seed=3,
-             ppo=ppo.PPOConfig(ppo_epochs=1, num_minibatches=2),
+      **dict(batch_size=8, max_prompt_len=4, sampling=SamplingConfig(max_new_tokens=4),
+             max_steps=max_steps, eval_every=2, num_eval_prompts=8, checkpoint_every=1, seed=3,
+             ppo_epochs=1, num_minibatches=2,
              optim=OptimConfig(learning_rate=1e-2, schedule="constant")),
       **cfg_overrides})
   mcfg = model_cfg(tokenizer)
@@ -104,14 +105,14 @@ def write_inputs(root: pathlib.Path) -> dict[str, str]:
     models.save_pretrained(cls(cfg, rngs=nnx.Rngs(seed), **kwargs), str(root / name))
     tok.save_pretrained(str(root / name))
   data.write_jsonl(str(root / "prompts.jsonl"), [{"prompt": p} for p in prompts(64)])
-  return {"task": "", "policy_path": str(root / "policy"), "reward_path": str(root / "reward"),
-          "tokenizer_path": str(root / "tok"), "prompts": str(root / "prompts.jsonl"),
+  return {"task.name": "", "policy_path": str(root / "policy"),
+          "reward_path": str(root / "reward"), "tokenizer_path": str(root / "tok"), "prompts": str(root / "prompts.jsonl"),
           "eval_prompts": str(root / "prompts.jsonl")}
 
 
 def ppo_overrides(max_steps: int, **extra) -> dict[str, object]:
   """A PPO stage of ~0.1 s per iteration: batch 8, 4+4 tokens, one epoch of two minibatches."""
-  return {"ppo.batch_size": 8, "ppo.max_prompt_len": 4, "ppo.max_new_tokens": 4,
+  return {"ppo.batch_size": 8, "ppo.max_prompt_len": 4, "ppo.sampling.max_new_tokens": 4,
           "ppo.ppo_epochs": 1, "ppo.num_minibatches": 2, "ppo.num_eval_prompts": 8,
           "ppo.eval_every": 2, "ppo.max_steps": max_steps, "ppo.checkpoint_every": 1, **extra}
 

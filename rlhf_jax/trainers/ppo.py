@@ -7,6 +7,7 @@ evaluated reward-model score reaches `reward_threshold`.
 """
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -17,36 +18,33 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import checkpointing
+from rlhf_jax import evaluation
 from rlhf_jax import faults
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.collect import collect
 from rlhf_jax.data import PromptIterator, encode_prompts
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.optim import OptimConfig, make_optimizer
-from rlhf_jax.rollout import SamplingConfig, rollout
-from rlhf_jax.score import RewardFn, RewardNorm, ScoreConfig, score
+from rlhf_jax.rollout import rollout
+from rlhf_jax.score import RewardFn, RewardNorm, score
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOTrainerConfig:
-  """The RL loop.
+class PPOTrainerConfig(ppo_lib.PPOConfig):
+  """The RL loop: the algorithm's fields (`PPOConfig`: sampling, losses, estimator, KL, critic,
+  epochs, minibatches) and
 
   Attributes:
-    batch_size: Prompts per iteration (global, over all processes).
-    group_size: Completions sampled per prompt (> 1 for grpo / rloo / reinforce++ baselines).
+    batch_size: Prompts per iteration (global, over all processes); each is sampled
+      `group_size` times.
     max_prompt_len: Prompts are left-padded / left-truncated to this many tokens.
-    max_new_tokens: Completion length budget.
-    temperature, top_k, top_p: Sampling.
-    decode_layout: Activation layout of decode steps (see `rollout.SamplingConfig`); a layout,
-      not a result, so a run may resume under another.
     max_steps: Iteration budget.
     reward_threshold: Stop once the evaluated mean reward-model score (raw units) reaches this.
     eval_every: Iterations between evaluations on held-out prompts (0: only at the end).
     num_eval_prompts: Held-out prompts per evaluation.
     num_samples_logged: Rows of the sample table written per evaluation.
     normalize_reward: Calibrate gain/bias so the initial policy's scores have mean 0, std 1.
-    missing_eos_penalty: Subtracted from scores of completions without EOS.
-    whiten_scores: Whiten scores over each batch.
     seed: Seeds sampling, shuffling and minibatching.
     log_every_s: Progress line period.
     checkpoint_every: Iterations between checkpoints (with a checkpoint directory; 0: only the
@@ -54,55 +52,44 @@ class PPOTrainerConfig:
     keep_checkpoints: Newest checkpoints kept.
     max_nonfinite_iterations: Stop after this many consecutive iterations with a non-finite
       reward or skipped non-finite minibatch steps.
-    ppo: The PPO phase (losses, estimator, KL, critic, epochs, minibatches).
-    optim: Optimizer of policy and critic; total_steps counts minibatch steps.
+    optim: Optimizer of policy and critic; its total_steps counts minibatch steps and defaults
+      to the run's (max_steps x ppo_epochs x num_minibatches).
   """
   batch_size: int = 64
-  group_size: int = 1
   max_prompt_len: int = 16
-  max_new_tokens: int = 16
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  decode_layout: str = "auto"
   max_steps: int = 20_000
   reward_threshold: float | None = None
   eval_every: int = 10
   num_eval_prompts: int = 64
   num_samples_logged: int = 8
   normalize_reward: bool = True
-  missing_eos_penalty: float = 0.0
-  whiten_scores: bool = False
   seed: int = 0
   log_every_s: float = 10.0
   checkpoint_every: int = 10
   keep_checkpoints: int = 3
   max_nonfinite_iterations: int = 3
-  ppo: ppo_lib.PPOConfig = ppo_lib.PPOConfig()
   optim: OptimConfig = OptimConfig()
 
   def __post_init__(self):
-    # The sampling fields are checked now, not when the trainer is built after SFT and reward
-    # training; the tokens are the tokenizer's and are checked then.
-    SamplingConfig(max_new_tokens=self.max_new_tokens, eos_token_id=None, pad_token_id=0,
-                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                   decode_layout=self.decode_layout)
-    if self.ppo.advantage.group_size != self.group_size:
-      raise ValueError(f"ppo.advantage.group_size={self.ppo.advantage.group_size} must equal "
-                       f"group_size={self.group_size}")
-    if (self.batch_size * self.group_size) % self.ppo.num_minibatches:
+    super().__post_init__()
+    if (self.batch_size * self.group_size) % self.num_minibatches:
       raise ValueError(f"batch_size*group_size={self.batch_size * self.group_size} is not "
-                       f"divisible by ppo.num_minibatches={self.ppo.num_minibatches}")
+                       f"divisible by num_minibatches={self.num_minibatches}")
 
+  @property
+  def algorithm(self) -> ppo_lib.PPOConfig:
+    """The PPOConfig part: the static argument of the jitted programs, so the loop's budget and
+    cadence fields never cause a recompilation."""
+    return ppo_lib.PPOConfig(**{f.name: getattr(self, f.name)
+                                for f in dataclasses.fields(ppo_lib.PPOConfig)})
 
-def distinct_n(rows: list[list[int]], n: int) -> float:
-  """Distinct-n (Li et al. 2016): unique n-grams / total n-grams over all completions."""
-  grams = [tuple(r[i:i + n]) for r in rows for i in range(len(r) - n + 1)]
-  return len(set(grams)) / max(len(grams), 1)
-
-
-def _valid_rows(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
-  return [row[m > 0].tolist() for row, m in zip(ids, mask)]
+  @property
+  def optimizer(self) -> OptimConfig:
+    """`optim` with total_steps defaulted to the run's minibatch steps."""
+    if self.optim.total_steps is not None:
+      return self.optim
+    return dataclasses.replace(
+        self.optim, total_steps=self.max_steps * self.ppo_epochs * self.num_minibatches)
 
 
 class PPOTrainer:
@@ -111,10 +98,11 @@ class PPOTrainer:
   Args:
     cfg: PPOTrainerConfig.
     policy: CausalLM to train; the reference is a frozen copy of it unless `ref_policy` is given.
-    tokenizer: Hugging Face tokenizer (pad distinct from EOS).
+    tokenizer: Hugging Face tokenizer (pad distinct from EOS); its EOS / pad ids fill the
+      sampling config's unset ones.
     train_prompts, eval_prompts: Prompt strings.
     reward_fn, reward_params: the reward (see `rlhf_jax.score`).
-    value_model: ScalarModel critic for ppo.critic == "separate".
+    value_model: ScalarModel for a critic that needs one (critic="separate").
     gold_fn: Optional text -> score of a judge the policy never sees (logged as gold_score).
     mesh: Device mesh (default: all devices on "data").
     writer: MetricsWriter for per-iteration and eval records.
@@ -132,45 +120,15 @@ class PPOTrainer:
     self.gold_fn = gold_fn
     self.writer = writer
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh()
-    self.sampling = SamplingConfig(
-        max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, decode_layout=cfg.decode_layout)
-    self.score_cfg = ScoreConfig(
-        eos_token_id=tokenizer.eos_token_id, temperature=cfg.temperature, kl=cfg.ppo.kl,
-        missing_eos_penalty=cfg.missing_eos_penalty, whiten_scores=cfg.whiten_scores)
-    if policy.cfg.vocab_size < len(tokenizer):
-      raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the policy's vocabulary has "
-                       f"{policy.cfg.vocab_size}")
-    if cfg.max_prompt_len + cfg.max_new_tokens > policy.cfg.max_position_embeddings:
-      raise ValueError(f"max_prompt_len + max_new_tokens = {cfg.max_prompt_len} + "
-                       f"{cfg.max_new_tokens} exceeds the policy's max_position_embeddings = "
-                       f"{policy.cfg.max_position_embeddings}")
-    enc = encode_prompts(tokenizer, train_prompts, cfg.max_prompt_len)
-    if enc.num_truncated:
-      logging.warning("%d of %d train prompts were longer than max_prompt_len=%d and were "
-                      "left-truncated", enc.num_truncated, len(train_prompts), cfg.max_prompt_len)
-    self.prompts = PromptIterator(enc.ids, enc.mask, cfg.batch_size, cfg.seed,
-                                  jax.process_index(), jax.process_count())
-    ev = encode_prompts(tokenizer, eval_prompts[:cfg.num_eval_prompts], cfg.max_prompt_len)
-    self.eval_ids, self.eval_mask = ev.ids, ev.mask
-
-    ref_policy = ref_policy if ref_policy is not None else policy
-    self.ref_graphdef, ref_params = nnx.split(ref_policy)
-    tx = make_optimizer(cfg.optim)
-    state = ppo_lib.init_train_state(cfg.ppo, policy, tx, jax.random.key(cfg.seed), value_model)
-    # Copies: the state's buffers are donated to every update, the frozen models' never are.
-    self.ref_params = sharding_lib.put(jax.tree.map(jnp.copy, ref_params),
-                                       sharding_lib.param_shardings(ref_params, self.mesh))
+    self.algo = dataclasses.replace(cfg.algorithm, sampling=cfg.sampling.with_special_tokens(
+        tokenizer.eos_token_id, tokenizer.pad_token_id))
+    self.algo.sampling.check_special_tokens()
+    self._check_model(policy)
+    self._encode_prompts(train_prompts, eval_prompts)
+    self._place_models(policy, ref_policy, value_model, reward_params)
     self.reward_fn = reward_fn
-    self.reward_params = reward_params if reward_params is None else sharding_lib.put(
-        reward_params, sharding_lib.param_shardings(reward_params, self.mesh)
-        if isinstance(reward_params, nnx.State) else sharding_lib.replicated(self.mesh))
-    self.state_shardings = ppo_lib.train_state_shardings(state, self.mesh)
-    self.state = sharding_lib.put(state, self.state_shardings)
-    # Replicated like the calibrated and the restored norms, so collect compiles once per run.
-    self.reward_norm = self._replicated(RewardNorm.identity())
-    self._collect = jax.jit(self._collect_impl)
+    self._collect = jax.jit(functools.partial(collect, self.algo, ref_graphdef=self.ref_graphdef,
+                                              reward_fn=reward_fn))
     self._update = jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                            out_shardings=(self.state_shardings, None))
     self._eval_rollouts = jax.jit(self._eval_impl)
@@ -184,19 +142,54 @@ class PPOTrainer:
           fingerprint=checkpointing.config_fingerprint(cfg))
       self._resume()
 
-  # --- jitted programs -------------------------------------------------------------------------
+  def _check_model(self, policy) -> None:
+    cfg, tokenizer = self.cfg, self.tokenizer
+    if policy.cfg.vocab_size < len(tokenizer):
+      raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the policy's vocabulary has "
+                       f"{policy.cfg.vocab_size}")
+    if cfg.max_prompt_len + cfg.sampling.max_new_tokens > policy.cfg.max_position_embeddings:
+      raise ValueError(f"max_prompt_len + sampling.max_new_tokens = {cfg.max_prompt_len} + "
+                       f"{cfg.sampling.max_new_tokens} exceeds the policy's "
+                       f"max_position_embeddings = {policy.cfg.max_position_embeddings}")
 
-  def _collect_impl(self, state, ref_params, reward_params, reward_norm, ids, mask, key):
-    ro = rollout(state.policy_graphdef, state.params["policy"], ids, mask, key, self.sampling)
-    values = ppo_lib.critic_values(self.cfg.ppo, state, ro)
-    return score(self.score_cfg, ro, ref_graphdef=self.ref_graphdef, ref_params=ref_params,
-                 reward_fn=self.reward_fn, reward_params=reward_params,
-                 kl_coef=state.kl.coef, reward_norm=reward_norm, values=values)
+  def _encode_prompts(self, train_prompts: list[str], eval_prompts: list[str]) -> None:
+    cfg = self.cfg
+    enc = encode_prompts(self.tokenizer, train_prompts, cfg.max_prompt_len)
+    if enc.num_truncated:
+      logging.warning("%d of %d train prompts were longer than max_prompt_len=%d and were "
+                      "left-truncated", enc.num_truncated, len(train_prompts), cfg.max_prompt_len)
+    self.prompts = PromptIterator(enc.ids, enc.mask, cfg.batch_size, cfg.seed,
+                                  jax.process_index(), jax.process_count())
+    ev = encode_prompts(self.tokenizer, eval_prompts[:cfg.num_eval_prompts], cfg.max_prompt_len)
+    self.eval_ids, self.eval_mask = ev.ids, ev.mask
+
+  def _place_models(self, policy, ref_policy, value_model, reward_params) -> None:
+    """The train state and the frozen reference and reward models, on the mesh."""
+    ref_policy = ref_policy if ref_policy is not None else policy
+    self.ref_graphdef, ref_params = nnx.split(ref_policy)
+    state = ppo_lib.init_train_state(self.algo, policy, make_optimizer(self.cfg.optimizer),
+                                     jax.random.key(self.cfg.seed), value_model)
+    # Copies: the state's buffers are donated to every update, the frozen models' never are.
+    self.ref_params = sharding_lib.put(jax.tree.map(jnp.copy, ref_params),
+                                       sharding_lib.param_shardings(ref_params, self.mesh))
+    self.reward_params = reward_params if reward_params is None else sharding_lib.put(
+        reward_params, sharding_lib.param_shardings(reward_params, self.mesh)
+        if isinstance(reward_params, nnx.State) else sharding_lib.replicated(self.mesh))
+    self.state_shardings = ppo_lib.train_state_shardings(state, self.mesh)
+    self.state = sharding_lib.put(state, self.state_shardings)
+    # Replicated like the calibrated and the restored norms, so collect compiles once per run.
+    self.reward_norm = self._replicated(RewardNorm.identity())
+
+  def _run_collect(self, ids, mask, key, reward_norm=None) -> tuple[Any, dict[str, jax.Array]]:
+    return self._collect(self.state, ids, mask, key, ref_params=self.ref_params,
+                         reward_params=self.reward_params,
+                         reward_norm=self.reward_norm if reward_norm is None else reward_norm)
 
   def _eval_impl(self, policy_params, ref_params, reward_params, ids, mask, key):
-    ro = rollout(self.state.policy_graphdef, policy_params, ids, mask, key, self.sampling)
-    ref_ro = rollout(self.ref_graphdef, ref_params, ids, mask, key, self.sampling)
-    scored, metrics = score(self.score_cfg, ro, ref_graphdef=self.ref_graphdef,
+    sampling = self.algo.sampling
+    ro = rollout(self.state.policy_graphdef, policy_params, ids, mask, key, sampling)
+    ref_ro = rollout(self.ref_graphdef, ref_params, ids, mask, key, sampling)
+    scored, metrics = score(self.algo, ro, ref_graphdef=self.ref_graphdef,
                             ref_params=ref_params, reward_fn=self.reward_fn,
                             reward_params=reward_params, kl_coef=jnp.zeros(()))
     ref_raw = self.reward_fn(reward_params, ref_ro)
@@ -222,8 +215,7 @@ class PPOTrainer:
     """Sets gain/bias so the current policy's scores on one batch have mean 0 and std 1."""
     ids, mask, _ = self._next_batch()
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), -1 & 0x7FFFFFFF)
-    scored, _ = self._collect(self.state, self.ref_params, self.reward_params,
-                              self._replicated(RewardNorm.identity()), ids, mask, key)
+    scored, _ = self._run_collect(ids, mask, key, self._replicated(RewardNorm.identity()))
     self.reward_norm = self._replicated(RewardNorm.calibrate(scored.raw_scores))
     logging.info("reward normalisation: gain %.4f bias %.4f", float(self.reward_norm.gain),
                  float(self.reward_norm.bias))
@@ -258,57 +250,31 @@ class PPOTrainer:
     self.checkpointer.save(step, self.state, meta, force=force)
 
   def evaluate(self, step: int) -> dict[str, Any]:
-    """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score."""
+    """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score,
+    samples and the reward-hacking verdict over this run's evaluations."""
     key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
     ro, ref_ro, raw, ref_raw, m = jax.device_get(self._eval_rollouts(
         self.state.params["policy"], self.ref_params, self.reward_params,
         self.eval_ids, self.eval_mask, key))
-    rows = _valid_rows(ro.completion_ids, ro.completion_mask)
-    out = {
-        "eval_reward": float(raw.mean()),
-        "eval_ref_reward": float(ref_raw.mean()),
-        "eval_win_rate": float(((raw > ref_raw) + 0.5 * (raw == ref_raw)).mean()),
-        "eval_kl": float(m["kl"]),
-        "eval_response_length": float(m["response_length"]),
-        "eval_eos_rate": float(m["eos_rate"]),
-        "eval_distinct_1": distinct_n(rows, 1),
-        "eval_distinct_2": distinct_n(rows, 2),
-    }
-    texts = self.tokenizer.batch_decode(
-        [[t for t in r if t != self.tokenizer.eos_token_id] for r in rows])
-    prompts = self.tokenizer.batch_decode(_valid_rows(ro.prompt_ids, ro.prompt_mask))
+    texts = evaluation.completion_texts(self.tokenizer, ro.completion_ids, ro.completion_mask)
+    gold = ref_gold = None
     if self.gold_fn is not None:
-      ref_texts = self.tokenizer.batch_decode(
-          [[t for t in r if t != self.tokenizer.eos_token_id]
-           for r in _valid_rows(ref_ro.completion_ids, ref_ro.completion_mask)])
-      gold = np.array([self.gold_fn(t) for t in texts])
-      out["gold_score"] = float(gold.mean())
-      out["ref_gold_score"] = float(np.mean([self.gold_fn(t) for t in ref_texts]))
-    table = ["| prompt | completion | reward |", "| --- | --- | --- |"] + [
-        f"| {p} | {c} | {r:.3f} |" for p, c, r in
-        list(zip(prompts, texts, raw))[:self.cfg.num_samples_logged]]
-    out["samples"] = [{"prompt": p, "completion": c, "reward": float(r)}
-                      for p, c, r in list(zip(prompts, texts, raw))[:self.cfg.num_samples_logged]]
-    self._check_reward_hacking(out)
+      gold = evaluation.gold_score(self.gold_fn, texts)
+      ref_gold = evaluation.gold_score(self.gold_fn, evaluation.completion_texts(
+          self.tokenizer, ref_ro.completion_ids, ref_ro.completion_mask))
+    out: dict[str, Any] = evaluation.eval_metrics(
+        raw, ref_raw, m, evaluation.valid_rows(ro.completion_ids, ro.completion_mask), gold,
+        ref_gold)
+    prompts = self.tokenizer.batch_decode(evaluation.valid_rows(ro.prompt_ids, ro.prompt_mask))
+    out["samples"] = evaluation.sample_rows(prompts, texts, raw, self.cfg.num_samples_logged)
+    self.eval_history.append(out)
+    verdict = evaluation.reward_hacking(self.eval_history)
+    out["reward_hacking"] = int(verdict.flag)
+    if verdict.flag:
+      logging.warning("possible reward hacking: %s", verdict.reason)
     if self.writer is not None:
-      self.writer.write_text(step, "eval_samples", "\n".join(table))
+      self.writer.write_text(step, "eval_samples", evaluation.samples_table(out["samples"]))
     return out
-
-  def _check_reward_hacking(self, ev: dict[str, Any], window: int = 3) -> None:
-    """Warns when the reward model's score keeps rising while the gold score keeps falling."""
-    self.eval_history.append(ev)
-    hist = self.eval_history[-window:]
-    if self.gold_fn is None or len(hist) < window:
-      ev["reward_hacking"] = 0
-      return
-    rising = all(b["eval_reward"] > a["eval_reward"] for a, b in zip(hist, hist[1:]))
-    falling = all(b["gold_score"] < a["gold_score"] for a, b in zip(hist, hist[1:]))
-    ev["reward_hacking"] = int(rising and falling)
-    if rising and falling:
-      logging.warning("possible reward hacking: reward-model score rose %.3f -> %.3f while the "
-                      "gold score fell %.3f -> %.3f over the last %d evaluations",
-                      hist[0]["eval_reward"], hist[-1]["eval_reward"], hist[0]["gold_score"],
-                      hist[-1]["gold_score"], window)
 
   def train(self) -> dict[str, Any]:
     """Runs until max_steps or the reward threshold; returns the last evaluation."""
@@ -336,14 +302,14 @@ class PPOTrainer:
     nonfinite = faults.NonfiniteGuard(cfg.max_nonfinite_iterations,
                                       resumed.get("nonfinite_streak", 0))
     step = int(self.state.step)
-    tokens_per_iter = cfg.batch_size * cfg.group_size * (cfg.max_prompt_len + cfg.max_new_tokens)
+    tokens_per_iter = (cfg.batch_size * cfg.group_size
+                       * (cfg.max_prompt_len + cfg.sampling.max_new_tokens))
     while step < cfg.max_steps:
       t0 = time.time()
       ids, mask, epoch = self._next_batch()
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-      scored, score_metrics = self._collect(self.state, self.ref_params, self.reward_params,
-                                            self.reward_norm, ids, mask, key)
-      self.state, update_metrics = self._update(cfg.ppo, self.state, scored)
+      scored, score_metrics = self._run_collect(ids, mask, key)
+      self.state, update_metrics = self._update(self.algo, self.state, scored)
       metrics = jax.device_get({**score_metrics, **update_metrics})
       step += 1
       dt = time.time() - t0

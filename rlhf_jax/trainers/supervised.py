@@ -46,7 +46,7 @@ class TrainerConfig:
       one compilation).
     max_len: Token width of every row: prompt + completion + EOS, right padded. Prompts are
       left-truncated to fit; a completion that does not fit raises (see `drop_overlong`).
-    optim: Optimizer. Its `total_steps` is replaced by the run's step count, so a decaying
+    optim: Optimizer. An unset `total_steps` becomes the run's step count, so a decaying
       schedule spans exactly the run.
     seed: Seed of the train/eval split and of the per-epoch shuffles.
     eval_fraction: Share of the examples held out for evaluation when no evaluation set is
@@ -227,7 +227,8 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
     raise ValueError(f"batch_size={cfg.batch_size} is not a multiple of the mesh's batch axes "
                      f"size {_batch_divisor(mesh)} (mesh {dict(mesh.shape)})")
   total = steps_per_epoch * cfg.epochs
-  optim_cfg = dataclasses.replace(cfg.optim, total_steps=total)
+  optim_cfg = (cfg.optim if cfg.optim.total_steps is not None
+               else dataclasses.replace(cfg.optim, total_steps=total))
   tx = optim_lib.make_optimizer(optim_cfg)
   schedule = optim_lib.learning_rate_schedule(optim_cfg)
   learning_rates = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
