@@ -122,7 +122,7 @@ def run(main) -> None:
 
 
 def define_flags():
-  """--config (file[:variant], with --config.x=y overrides) and --workdir."""
+  """--config (file[:variant], with --config.a.b=c overrides at any depth) and --workdir."""
   # No default here: config_flags would load it at import, outside `parse_flags`, which fills
   # it in instead.
   config = config_flags.DEFINE_config_file(
