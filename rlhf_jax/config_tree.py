@@ -82,15 +82,15 @@ def from_config_dict(cls, cd: Mapping, path: str = "--config"):
   return cls(**kwargs)
 
 
+class _Mismatch(Exception):
+  """`value` is not of the type tried (caught to try the next arm of a union)."""
+
+
 def _from_entry(value, hint, where: str):
   try:
     return _convert(value, hint, where)
   except _Mismatch:
     raise ValueError(f"{where} must be {_type_name(hint)}, got {value!r}") from None
-
-
-class _Mismatch(Exception):
-  pass
 
 
 def _convert(value, hint, where: str):

@@ -61,7 +61,8 @@ class ExperimentConfig:
     mesh_shape: Mesh over (data, fsdp, tensor); one -1 takes the remaining devices.
     prompts, eval_prompts, sft_data, preferences: Data files (JSONL / text / parquet /
       datasets-on-disk); empty: the built-in task's.
-    use_chat_template: Render prompts with the tokenizer's chat template.
+    use_chat_template: Render prompts with the tokenizer's chat template. Not read by any stage
+      yet (nor before this tree): `data.encode_prompts` supports it, the trainers do not pass it.
     policy_path, reward_path: Local Hugging Face checkpoints; empty: the stage trains one (SFT
       from scratch with `model`, the reward model from the SFT policy's trunk).
     tokenizer_path: Default: the policy checkpoint's directory (or the built-in task's).
