@@ -94,6 +94,7 @@ class Program:
 
 def model_config(preset: str, layers: int | None = None, dtype: str = "bfloat16",
                  param_dtype: str = "float32", **overrides) -> DecoderConfig:
+  """A Llama-3 shape from PRESETS, optionally shallower (`layers`) or narrower (`overrides`)."""
   kw = dict(PRESETS[preset], **overrides)
   if layers is not None:
     kw["num_layers"] = layers
@@ -123,9 +124,12 @@ def param_bytes(state) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def make_collect(ppo_cfg, sampling, score_cfg, ref_graphdef, reward_fn):
+def make_collect(ppo_cfg, sampling, ref_graphdef, reward_fn):
   """The collect program, composed as the PPO trainer's `_collect_impl` does: rollout, critic
   values, score. The one place to switch to `rlhf_jax.collect.collect` once it exists."""
+  score_cfg = ScoreConfig(eos_token_id=sampling.eos_token_id, temperature=sampling.temperature,
+                          kl=ppo_cfg.kl)
+
   def collect(state, ref_params, reward_params, reward_norm, ids, mask, key):
     ro = rollout(state.policy_graphdef, state.params["policy"], ids, mask, key, sampling)
     values = ppo_lib.critic_values(ppo_cfg, state, ro)
@@ -158,8 +162,7 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
   b, p, n = work.batch, work.prompt_len, work.response_len
   sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD,
                             decode_layout="token_major")
-  collect = jax.jit(make_collect(ppo_cfg, sampling, ScoreConfig(eos_token_id=EOS, kl=ppo_cfg.kl),
-                                 ref_graphdef, reward_model_fn(reward_graphdef)))
+  collect = jax.jit(make_collect(ppo_cfg, sampling, ref_graphdef, reward_model_fn(reward_graphdef)))
   rep = sharding_lib.replicated(mesh)
   ids = _rows(jax.ShapeDtypeStruct((b, p), jnp.int32), mesh)
   norm = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
