@@ -90,7 +90,7 @@ class Program:
   loop_bound: int = 1
 
 
-# --- the programs, with abstract sharded inputs ----------------------------------------------------
+# --- the programs, with abstract sharded inputs -----------------------------------------------
 
 def model_config(preset: str, layers: int | None = None, dtype: str = "bfloat16",
                  param_dtype: str = "float32", **overrides) -> DecoderConfig:
@@ -213,7 +213,7 @@ def supervised_programs(cfg: DecoderConfig, work: Workload, mesh) -> dict[str, P
   return out
 
 
-# --- command line --------------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------
 
 def run(args) -> list[dict]:
   jax.config.update("jax_threefry_partitionable", True)
