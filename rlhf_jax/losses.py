@@ -129,6 +129,11 @@ def _approx_kl(log_ratio: jax.Array, valid: jax.Array) -> jax.Array:
   return masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)
 
 
+def _mean_over_sequences(per_sequence: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean of per-row values [B] over the rows of `valid` [B, T] with at least one valid token."""
+  return masked_mean(per_sequence, jnp.any(valid, axis=1))
+
+
 def _clipped_surrogate(cfg: PolicyLossConfig, log_ratio: jax.Array,
                        advantages: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-token PPO loss max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) and where clipping binds."""
@@ -189,8 +194,7 @@ def grpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Arra
   """
   log_ratio, adv, valid = _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask)
   per_token, clipped = _clipped_surrogate(cfg, log_ratio, adv)
-  per_sequence = masked_mean(per_token, valid, axis=1)
-  return masked_mean(per_sequence, jnp.any(valid, axis=1)), {
+  return _mean_over_sequences(masked_mean(per_token, valid, axis=1), valid), {
       "clipfrac": masked_mean(clipped, valid),
       "approx_kl": _approx_kl(log_ratio, valid),
   }

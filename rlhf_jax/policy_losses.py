@@ -18,14 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses import (Aux, PolicyLossConfig, _approx_kl, _check_and_cast,
-                             _clipped_surrogate, _log_ratio_and_advantages, ppo_loss,
-                             register_policy_loss)
+                             _clipped_surrogate, _log_ratio_and_advantages, _mean_over_sequences,
+                             ppo_loss, register_policy_loss)
 from rlhf_jax.masked import masked_mean, masked_sum
-
-
-def _mean_over_sequences(per_sequence: jax.Array, valid: jax.Array) -> jax.Array:
-  """Mean of per-row values [B] over the rows with at least one valid token."""
-  return masked_mean(per_sequence, jnp.any(valid, axis=1))
 
 
 @register_policy_loss("gspo")
