@@ -36,12 +36,20 @@ class PolicyLossConfig:
     clip_eps_high: Upper clip range: ratio <= 1 + clip_eps_high; None means clip_eps (DAPO,
       Yu et al. 2025, decouples the two).
     dual_clip_c: Bound c > 1 of dual-clip PPO on the loss of negative-advantage tokens.
+    log_clip_eps: Clip range of "gmpo" in log-ratio space: log r in [-log_clip_eps,
+      log_clip_eps] on the side the advantage's sign makes binding (0.4 in the GMPO paper).
+    sapo_tau_pos: Temperature of the "sapo" gate for tokens with A > 0 (1.0 in the SAPO paper).
+    sapo_tau_neg: Temperature of the "sapo" gate for tokens with A <= 0 (1.05 in the SAPO paper;
+      larger decays faster).
   """
 
   name: str = "ppo"
   clip_eps: float = 0.2
   clip_eps_high: float | None = None
   dual_clip_c: float = 3.0
+  log_clip_eps: float = 0.4
+  sapo_tau_pos: float = 1.0
+  sapo_tau_neg: float = 1.05
 
   def __post_init__(self):
     if self.clip_eps < 0:
@@ -50,6 +58,12 @@ class PolicyLossConfig:
       raise ValueError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
     if self.dual_clip_c <= 1:
       raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
+    if self.log_clip_eps < 0:
+      raise ValueError(f"log_clip_eps must be >= 0, got {self.log_clip_eps}")
+    if self.sapo_tau_pos <= 0:
+      raise ValueError(f"sapo_tau_pos must be > 0, got {self.sapo_tau_pos}")
+    if self.sapo_tau_neg <= 0:
+      raise ValueError(f"sapo_tau_neg must be > 0, got {self.sapo_tau_neg}")
 
   @property
   def eps_high(self) -> float:
@@ -115,6 +129,11 @@ def _approx_kl(log_ratio: jax.Array, valid: jax.Array) -> jax.Array:
   return masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)
 
 
+def _mean_over_sequences(per_sequence: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean of per-row values [B] over the rows of `valid` [B, T] with at least one valid token."""
+  return masked_mean(per_sequence, jnp.any(valid, axis=1))
+
+
 def _clipped_surrogate(cfg: PolicyLossConfig, log_ratio: jax.Array,
                        advantages: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-token PPO loss max(-A r, -A clip(r, 1 - eps, 1 + eps_high)) and where clipping binds."""
@@ -175,8 +194,7 @@ def grpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Arra
   """
   log_ratio, adv, valid = _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask)
   per_token, clipped = _clipped_surrogate(cfg, log_ratio, adv)
-  per_sequence = masked_mean(per_token, valid, axis=1)
-  return masked_mean(per_sequence, jnp.any(valid, axis=1)), {
+  return _mean_over_sequences(masked_mean(per_token, valid, axis=1), valid), {
       "clipfrac": masked_mean(clipped, valid),
       "approx_kl": _approx_kl(log_ratio, valid),
   }
