@@ -24,6 +24,8 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("head_dim", ()),
+    # The scanned blocks' stacking axis: each scan step reads one layer, so it stays whole.
+    ("layers", ()),
 )
 
 
