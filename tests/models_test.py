@@ -293,6 +293,15 @@ def test_sharded_forward_equals_single_device(mesh_shape):
   ids_sharded = jax.device_put(ids, sharding.batch_sharding(mesh, 2))
   got = jax.jit(fwd)(sharded, ids_sharded)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  # With the mesh set, the activations are pinned by their logical axes; without, they are not.
+  assert "sharding_constraint" not in jax.jit(fwd).lower(sharded, ids_sharded).as_text()
+  with jax.set_mesh(mesh):
+    pinned = jax.jit(fwd)
+    assert "sharding_constraint" in pinned.lower(sharded, ids_sharded).as_text()
+    got = pinned(sharded, ids_sharded)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  with pytest.raises(ValueError, match="do not match an array of shape"):
+    sharding.constrain(ids, ("activation_batch",))
 
 
 def test_from_pretrained_places_params_on_mesh(tmp_path):

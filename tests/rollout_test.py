@@ -296,5 +296,10 @@ def test_batch_sharded_over_8_devices_matches_single_device(greedy):
   np.testing.assert_array_equal(multi.completion_ids, single.completion_ids)
   np.testing.assert_array_equal(multi.completion_mask, single.completion_mask)
   np.testing.assert_allclose(multi.logprobs, single.logprobs, atol=1e-5)
+  with jax.set_mesh(mesh):   # the model's activations pinned by their logical axes
+    pinned = jax.jit(functools.partial(R.rollout, graphdef, cfg=cfg))(
+        sharded_params, sharded_ids, sharded_mask, jax.device_put(key, sharding.replicated(mesh)))
+  np.testing.assert_array_equal(pinned.completion_ids, single.completion_ids)
+  np.testing.assert_allclose(pinned.logprobs, single.logprobs, atol=1e-5)
   if not greedy:
     assert not np.array_equal(single.completion_ids, greedy_tokens)

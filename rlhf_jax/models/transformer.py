@@ -25,8 +25,14 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax.models.config import DecoderConfig
+from rlhf_jax.sharding import constrain
 
 _NEG_INF = float(np.finfo(np.float32).min)
+# Logical axes of the activations (see `rlhf_jax.sharding.constrain`).
+_EMBED = ("activation_batch", "activation_length", "activation_embed")
+_HEADS = ("activation_batch", "activation_heads", "activation_length", "activation_head_dim")
+_KV_HEADS = ("activation_batch", "activation_kv_heads", "activation_length", "activation_head_dim")
+_MLP = ("activation_batch", "activation_length", "activation_mlp")
 
 
 def _normal(std):
@@ -158,8 +164,8 @@ class Attention(nnx.Module):
       self.q_norm = Norm(cfg, hd, ("head_dim",), rngs=rngs)
       self.k_norm = Norm(cfg, hd, ("head_dim",), rngs=rngs)
 
-  def _proj(self, x, name):
-    """x [B,T,d] -> heads [B,H,T,D].
+  def _proj(self, x, name, axes):
+    """x [B,T,d] -> heads [B,H,T,D] (logical `axes`).
 
     A matmul against the [d, H*D] view of the weight, then a transpose to head-major: XLA:CPU
     computed the direct head-major einsum transposed, with copies of its input.
@@ -169,7 +175,7 @@ class Attention(nnx.Module):
     bias = getattr(self, f"{name}_bias")[...].reshape(heads * hd) if self.cfg.qkv_bias else None
     b, t, _ = x.shape
     y = _dense(x, w.reshape(w.shape[0], heads * hd), bias)
-    return y.reshape(b, t, heads, hd).transpose(0, 2, 1, 3)
+    return constrain(y.reshape(b, t, heads, hd).transpose(0, 2, 1, 3), axes)
 
   def __call__(self, x, positions, key_mask, index, kv=None, layer=None):
     """x [B,T,d] -> ([B,T,d], kv); key_mask [B,S].
@@ -179,8 +185,8 @@ class Attention(nnx.Module):
     slot `index` before attending over the layer's whole slab.
     """
     cfg = self.cfg
-    q = self._proj(x, "q")
-    k, v = self._proj(x, "k"), self._proj(x, "v")
+    q = self._proj(x, "q", _HEADS)
+    k, v = self._proj(x, "k", _KV_HEADS), self._proj(x, "v", _KV_HEADS)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if cfg.positions == "rope":
@@ -204,6 +210,7 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, hd).astype(x.dtype)
+    out = constrain(out, _HEADS)
     y = jnp.einsum("bhtk,hkd->btd", out, self.o[...].astype(x.dtype))
     return (y + self.o_bias[...].astype(x.dtype) if cfg.out_bias else y), kv
 
@@ -237,7 +244,7 @@ class MLP(nnx.Module):
       hidden = act(self._dense(x, "gate")) * self._dense(x, "up")
     else:
       hidden = act(self._dense(x, "up"))
-    return self._dense(hidden, "down")
+    return self._dense(constrain(hidden, _MLP), "down")
 
 
 class Block(nnx.Module):
@@ -251,9 +258,10 @@ class Block(nnx.Module):
 
   def __call__(self, x, positions, key_mask, index, kv=None, layer=None):
     """x [B,T,d] -> ([B,T,d], kv); kv and layer as in `Attention.__call__`."""
+    x = constrain(x, _EMBED)
     y, kv = self.attn(self.attn_norm(x), positions, key_mask, index, kv, layer)
     x = x + y
-    return x + self.mlp(self.mlp_norm(x)), kv
+    return constrain(x + self.mlp(self.mlp_norm(x)), _EMBED), kv
 
 
 def _stack(blocks: list[nnx.Module]) -> nnx.Module:
@@ -325,6 +333,7 @@ class Decoder(nnx.Module):
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype)
     if cfg.positions == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.compute_dtype)
+    x = constrain(x, _EMBED)
     if cache is None:
       index, key_mask, kv = jnp.zeros((), jnp.int32), mask, None
     else:
@@ -356,7 +365,8 @@ class CausalLM(nnx.Module):
       out = jnp.einsum("...d,vd->...v", hidden, self.decoder.embed[...].astype(hidden.dtype))
     else:
       out = hidden @ self.lm_head[...].astype(hidden.dtype)
-    return out.astype(jnp.float32)
+    rows = (None,) * (out.ndim - 2)   # [B, ..., V]
+    return constrain(out, ("activation_batch", *rows, "activation_vocab")).astype(jnp.float32)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache=None,
                logits_to_keep: int = 0):
