@@ -7,7 +7,7 @@ jitted pure functions.
 
 The blocks are one `Block` whose parameters carry a leading "layers" axis, applied by one
 `jax.lax.scan` (MaxText's `scan_layers`): the program holds one block whatever the depth, so
-compile time does not grow with it, and `DecoderConfig.remat` picks what each block keeps for the
+compile time stays flat in it, and `DecoderConfig.remat` picks what each block keeps for the
 backward pass. The KV cache is stacked the same way ([L, B, KV, S, D]) and carried through the scan.
 
 Attention is written once for both the plain forward and the KV-cached path: queries occupy slots
