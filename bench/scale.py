@@ -145,8 +145,7 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
   donated) and `collect` (rollout, critic values, score with the frozen reference and reward
   model in `frozen_cfg`'s dtypes)."""
   b, p, n = work.batch, work.prompt_len, work.response_len
-  sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD,
-                            decode_layout="token_major")
+  sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD)
   ppo_cfg = ppo_lib.PPOConfig(sampling=sampling, num_minibatches=work.num_minibatches,
                               ppo_epochs=work.ppo_epochs,
                               kl=kl_lib.KLConfig(estimator="k1", in_reward=True))

@@ -70,7 +70,7 @@ def _full_forwards():
   """Reference logits [B, P+N, V] and reward-head outputs at every position [B, P+N] (NumPy)."""
   ref_graphdef, ref_params, reward_graphdef, reward_params = _models()
   ro = _rollout()
-  logits = jax.jit(lambda p, ids, m: nnx.merge(ref_graphdef, p)(ids, attention_mask=m))(
+  logits = jax.jit(lambda p, ids, m: nnx.merge(ref_graphdef, p)(ids, attention_mask=m)[0])(
       ref_params, ro.sequences, ro.sequence_mask)
   per_token = jax.jit(
       lambda p, ids, m: nnx.merge(reward_graphdef, p).per_token(ids, attention_mask=m))(

@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,12 @@ class DecoderConfig:
     num_labels: Outputs of the scalar head for *ForSequenceClassification checkpoints.
     dtype: Compute dtype (activations, matmuls); params keep `param_dtype`.
     param_dtype: Storage dtype of parameters.
+    remat: What each block keeps for the backward pass (`jax.checkpoint` per scanned block):
+      "none" keeps every activation; "full" keeps only the block's input and recomputes the rest;
+      "save_dots" keeps the outputs of matmuls without batch dimensions (the projections and MLP,
+      `dots_with_no_batch_dims_saveable`) and recomputes the rest; "offload" keeps the same
+      outputs in pinned host memory instead of device memory. A training setting of this
+      library, not of the checkpoint: it is never written to config.json.
   """
 
   model_type: str = "llama"
@@ -78,6 +85,7 @@ class DecoderConfig:
   num_labels: int = 1
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: str = "none"
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -86,9 +94,9 @@ class DecoderConfig:
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-    for name in ("norm", "activation", "positions"):
+    for name in ("norm", "activation", "positions", "remat"):
       allowed = {"norm": ("layernorm", "rmsnorm"), "activation": ("gelu_new", "gelu", "silu"),
-                 "positions": ("learned", "rope")}[name]
+                 "positions": ("learned", "rope"), "remat": REMAT_POLICIES}[name]
       if getattr(self, name) not in allowed:
         raise ConfigError(f"{name}={getattr(self, name)!r} not in {allowed}")
     rope_type = dict(self.rope_scaling).get("rope_type", "default")

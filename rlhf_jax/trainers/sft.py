@@ -42,7 +42,7 @@ def encode_examples(tokenizer: Any, examples: Sequence[data.SFTExample],
 def sft_batch_loss(model: CausalLM,
                    batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`losses.sft_loss` of `model` on a batch of `encode_examples` rows."""
-  logits = model(batch["ids"], attention_mask=batch["attention_mask"])
+  logits, _ = model(batch["ids"], attention_mask=batch["attention_mask"])
   return losses.sft_loss(logits, batch["ids"], batch["completion_mask"])
 
 
