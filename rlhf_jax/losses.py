@@ -334,7 +334,8 @@ def chunked_token_logprobs(hidden: jax.Array, head: Callable[[jax.Array], jax.Ar
     head: hidden chunk [B, c, d] -> logits [B, c, V] (e.g. `CausalLM.logits`); any function, so
       a vocabulary-sharded head fits.
     tokens: [B, N] integer ids.
-    chunk_size: Positions per chunk (>= 1; values >= N give a single chunk).
+    chunk_size: Positions per chunk (>= 1). With N <= chunk_size the logits are computed in one
+      piece, the plain program: nothing to save, nothing recomputed.
     temperature: Logits are divided by it (the sampling temperature).
     with_entropy: Also return the per-token entropy.
 
@@ -347,7 +348,11 @@ def chunked_token_logprobs(hidden: jax.Array, head: Callable[[jax.Array], jax.Ar
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   b, n, d = hidden.shape
-  size = min(chunk_size, n)
+  if n <= chunk_size:
+    logits = head(hidden).astype(jnp.float32) / temperature
+    logp = token_logprobs(logits, tokens)
+    return (logp, entropy_from_logits(logits)) if with_entropy else logp
+  size = chunk_size
   chunks = -(-n // size)
   pad = chunks * size - n
   # Chunk-major [chunks, B, size, ...], the layout lax.map iterates over.

@@ -129,7 +129,7 @@ EXPLICIT = {
     "ppo.value_loss.name": "mse", "ppo.advantage.estimator": "rloo", "ppo.kl.estimator": "k3",
     "ppo.kl.controller": "adaptive", "ppo.critic": "shared", "sft.optim.schedule": "linear",
     "reward.optim.schedule": "linear", "ppo.optim.schedule": "linear",
-    "ppo.frozen_param_dtype": "bfloat16",
+    "ppo.frozen_param_dtype": "bfloat16", "model.remat": "full",
 }
 
 

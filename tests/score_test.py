@@ -235,3 +235,24 @@ def test_kl_vanishes_when_policy_is_the_reference(estimator):
   assert np.max(np.abs(np.asarray(scored.kl))) < 1e-5
   assert abs(float(metrics["kl"])) < 1e-5
 
+
+
+def test_completion_logprobs_in_chunks_match_one_piece():
+  ro = _rollout(0.8)
+  whole = models.CausalLM(LLAMA, rngs=nnx.Rngs(1))
+  chunked = models.CausalLM(LLAMA.replace(logits_chunk_size=4), rngs=nnx.Rngs(1))   # N = 6
+
+  def run(model):
+    graphdef, params = nnx.split(model)
+
+    def total(p):
+      logp, ent = S.completion_logprobs(nnx.merge(graphdef, p), ro, with_entropy=True)
+      return logp.sum() + 0.1 * ent.sum(), (logp, ent)
+    return jax.jit(jax.value_and_grad(total, has_aux=True))(params)
+
+  (_, (want_logp, want_ent)), want_grad = run(whole)
+  (_, (got_logp, got_ent)), got_grad = run(chunked)
+  np.testing.assert_allclose(got_logp, want_logp, atol=1e-5)
+  np.testing.assert_allclose(got_ent, want_ent, atol=1e-5)
+  assert np.all(np.asarray(got_logp)[np.asarray(ro.completion_mask) == 0] == 0.0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grad, want_grad)

@@ -56,6 +56,10 @@ class DecoderConfig:
       `dots_with_no_batch_dims_saveable`) and recomputes the rest; "offload" keeps the same
       outputs in pinned host memory instead of device memory. A training setting of this
       library, not of the checkpoint: it is never written to config.json.
+    logits_chunk_size: Positions whose LM-head logits exist at once when log-probs and
+      entropies are computed for scoring and PPO (`losses.chunked_token_logprobs`): at V = 128k
+      the float32 [B, N, V] logits would be a minibatch's largest tensor. Like `remat`, never
+      written to config.json.
   """
 
   model_type: str = "llama"
@@ -86,6 +90,7 @@ class DecoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  logits_chunk_size: int = 256
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -99,6 +104,8 @@ class DecoderConfig:
                  "positions": ("learned", "rope"), "remat": REMAT_POLICIES}[name]
       if getattr(self, name) not in allowed:
         raise ConfigError(f"{name}={getattr(self, name)!r} not in {allowed}")
+    if self.logits_chunk_size < 1:
+      raise ConfigError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
     rope_type = dict(self.rope_scaling).get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
       raise ConfigError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
