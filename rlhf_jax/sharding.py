@@ -7,6 +7,7 @@ that does not divide a dimension is dropped for that dimension rather than faili
 rules serve a 1-device CPU run and a pod (e.g. 2 kv heads on a tensor axis of 4 are replicated).
 """
 
+import functools
 from typing import Sequence
 
 import jax
@@ -103,6 +104,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=DEFAULT_RU
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
+
+
+def on_mesh(mesh: Mesh, fn):
+  """`fn` called (and so traced) with `mesh` set, so the `constrain`s inside it take effect."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def param_shardings(model_or_state, mesh: Mesh, rules=DEFAULT_RULES):

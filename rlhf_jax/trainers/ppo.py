@@ -136,11 +136,12 @@ class PPOTrainer:
     self._encode_prompts(train_prompts, eval_prompts)
     self._place_models(policy, ref_policy, value_model, reward_params)
     self.reward_fn = reward_fn
-    self._collect = jax.jit(functools.partial(collect, self.algo, ref_graphdef=self.ref_graphdef,
-                                              reward_fn=reward_fn))
-    self._update = jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
-                           out_shardings=(self.state_shardings, None))
-    self._eval_rollouts = jax.jit(self._eval_impl)
+    on_mesh = functools.partial(sharding_lib.on_mesh, self.mesh)
+    self._collect = on_mesh(jax.jit(functools.partial(
+        collect, self.algo, ref_graphdef=self.ref_graphdef, reward_fn=reward_fn)))
+    self._update = on_mesh(jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
+                                   out_shardings=(self.state_shardings, None)))
+    self._eval_rollouts = on_mesh(jax.jit(self._eval_impl))
     self.history: list[dict[str, Any]] = []
     self.eval_history: list[dict[str, Any]] = []
     self.checkpointer = None
