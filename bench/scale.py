@@ -228,9 +228,10 @@ def run(args) -> list[dict]:
   results = []
   for name in wanted:
     prog = programs[name]
-    res = measure(prog.fn, *prog.args, num_devices=mesh.size, batch_sizes=prog.rows,
-                  flat_sizes=[b * t for b in prog.rows for t in lengths],
-                  unknown_trip_count=prog.loop_bound)
+    with jax.set_mesh(mesh):   # as the trainers trace: the activation constraints apply
+      res = measure(prog.fn, *prog.args, num_devices=mesh.size, batch_sizes=prog.rows,
+                    flat_sizes=[b * t for b in prog.rows for t in lengths],
+                    unknown_trip_count=prog.loop_bound)
     res.update(program=name, model=args.model, layers=cfg.num_layers, mesh=shape,
                workload=dataclasses.asdict(work), ideal_fsdp_wire_bytes=prog.ideal_wire_bytes)
     report(res)
