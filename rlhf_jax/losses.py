@@ -123,16 +123,10 @@ def register_value_loss(name: str, normalizer: str = "token") -> Callable[[Value
   return _register(VALUE_LOSSES, name, normalizer)
 
 
-def policy_loss_normalizer(name: str) -> str:
-  """The normalizer the policy loss `name` declared at registration."""
-  POLICY_LOSSES.get(name)
-  return _NORMALIZER_OF.get((POLICY_LOSSES.kind, name), "token")
-
-
-def value_loss_normalizer(name: str) -> str:
-  """The normalizer the value loss `name` declared at registration."""
-  VALUE_LOSSES.get(name)
-  return _NORMALIZER_OF.get((VALUE_LOSSES.kind, name), "token")
+def loss_normalizer(registry: Registry, name: str) -> str:
+  """The normalizer the loss `name` of `registry` (POLICY_LOSSES or VALUE_LOSSES) declared."""
+  registry.get(name)
+  return _NORMALIZER_OF.get((registry.kind, name), "token")
 
 
 def normalizer_counts(mask: jax.Array) -> dict[str, jax.Array]:

@@ -3,8 +3,9 @@
 One call = one PPO optimisation phase on a scored batch (Schulman et al. 2017; the RLHF recipe of
 Ziegler et al. 2019 / Ouyang et al. 2022): advantages from the registered estimator, whitening over
 valid tokens, then `lax.scan` over epochs x shuffled minibatches with one optimizer step per
-minibatch (its gradient optionally accumulated over microbatches), and the KL controller step. Losses and estimators are looked up by name in their
-registries, so a research fork adds one with a decorator and a config string.
+minibatch (its gradient optionally accumulated over microbatches), and the KL controller step.
+Losses and estimators are looked up by name in their registries, so a research fork adds one with
+a decorator and a config string.
 """
 
 import dataclasses
@@ -23,8 +24,7 @@ from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig, AdvantageInputs, compute_advantages
 from rlhf_jax.critics import CRITICS
 from rlhf_jax.losses import (POLICY_LOSSES, VALUE_LOSSES, PolicyLossConfig, ValueLossConfig,
-                             normalizer_counts, policy_loss, policy_loss_normalizer, value_loss,
-                             value_loss_normalizer)
+                             loss_normalizer, normalizer_counts, policy_loss, value_loss)
 from rlhf_jax.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf_jax.rollout import Rollout, SamplingConfig, completion_hidden
 from rlhf_jax.score import Scored, completion_logprobs
@@ -200,7 +200,7 @@ def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
   hidden = completion_hidden(policy, rollout)
   logprobs, entropy = completion_logprobs(policy, rollout, hidden, with_entropy=True)
   pg_loss, aux = policy_loss(cfg.policy_loss, logprobs, mb.old_logprobs, mb.advantages, mask)
-  pg_loss = share[policy_loss_normalizer(cfg.policy_loss.name)] * pg_loss
+  pg_loss = share[loss_normalizer(POLICY_LOSSES, cfg.policy_loss.name)] * pg_loss
   entropy = per_token(masked_mean(entropy, mask))
   loss = pg_loss - cfg.ent_coef * entropy
   metrics = {"pg_loss": pg_loss, "entropy": entropy, **jax.tree.map(per_token, aux)}
@@ -212,7 +212,7 @@ def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
   values = cfg.critic_impl.values(state.value_graphdef, params["value"], rollout, lambda: hidden)
   if values is not None:
     vf_loss, vf_aux = value_loss(cfg.value_loss, values, mb.old_values, mb.returns, mask)
-    vf_loss = share[value_loss_normalizer(cfg.value_loss.name)] * vf_loss
+    vf_loss = share[loss_normalizer(VALUE_LOSSES, cfg.value_loss.name)] * vf_loss
     loss = loss + cfg.vf_coef * vf_loss
     metrics.update(value_loss=vf_loss, **jax.tree.map(per_token, vf_aux))
   metrics["loss"] = loss

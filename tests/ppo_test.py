@@ -291,3 +291,15 @@ def test_microbatch_size_must_divide_the_minibatch():
   from rlhf_jax.trainers.ppo import PPOTrainerConfig
   with pytest.raises(ValueError, match="micro_batch_size=3 does not divide the minibatch size 8"):
     PPOTrainerConfig(batch_size=8, group_size=2, num_minibatches=2, micro_batch_size=3)
+
+
+def test_losses_declare_what_they_average_over():
+  normalizer = losses.loss_normalizer
+  assert normalizer(losses.POLICY_LOSSES, "grpo") == "sequence"
+  assert {normalizer(losses.POLICY_LOSSES, n) for n in ("ppo", "ppo_dual_clip", "reinforce")} == {
+      "token"}
+  assert {normalizer(losses.VALUE_LOSSES, n) for n in losses.VALUE_LOSSES} == {"token"}
+  with pytest.raises(ValueError, match="normalizer must be one of"):
+    losses.register_policy_loss("test_bad_normalizer", normalizer="pairs")
+  counts = losses.normalizer_counts(jnp.array([[1, 1, 0], [0, 0, 0], [1, 0, 0]]))
+  assert {k: float(v) for k, v in counts.items()} == {"token": 3.0, "sequence": 2.0, "row": 3.0}

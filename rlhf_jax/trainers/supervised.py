@@ -4,9 +4,10 @@
 `rlhf_jax.trainers.reward.train_reward_model` (Bradley-Terry reward model) each supply a pure loss
 on a batch of fixed-shape [B, L] arrays; `fit` runs it: one jitted step
 `(params, opt_state, batch) -> (params, opt_state, metrics)` over `nnx.split` params with params and
-optimizer state donated (the gradient optionally accumulated over microbatches), deterministic per-epoch shuffles, optional mesh placement (params by their
-logical axes, batch rows over the batch axes), held-out evaluation and a `log_fn(step, metrics)`
-callback. The Python loop only feeds batches; metrics are fetched once per logging window.
+optimizer state donated (its gradient optionally accumulated over microbatches), deterministic
+per-epoch shuffles, optional mesh placement (params by their logical axes, batch rows over the
+batch axes), held-out evaluation and a `log_fn(step, metrics)` callback. The Python loop only
+feeds batches; metrics are fetched once per logging window.
 """
 
 import dataclasses
