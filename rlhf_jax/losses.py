@@ -11,6 +11,18 @@ Losses are registered by name and picked by a config string (as in tunix). Unifo
             -> (loss scalar, aux dict with at least "vf_clipfrac")
 
 A fork adds one with `@register_policy_loss("name")` / `@register_value_loss("name")`.
+
+Each loss also declares its normalizer, the count of the batch it divides by, so that
+`ppo_update` can split a minibatch into microbatches (`PPOConfig.micro_batch_size`) exactly:
+
+  "token":    valid tokens (a token-level mean; the default),
+  "sequence": rows with at least one valid token (a mean over sequences, as grpo),
+  "row":      all rows (a mean over rows, or a sum divided by a constant per row).
+
+A loss of the form sum_{i in batch} f_i / n, with n its normalizer's count and f_i the terms of
+one token or row, is recovered from microbatches k by sum_k (n_k / n) loss_k: each microbatch's
+loss, computed as the function sees it, is scaled by its share n_k / n of the minibatch's count
+(`normalizer_counts`). Aux metrics are token-level means and are combined with the token share.
 """
 
 import dataclasses
@@ -95,15 +107,49 @@ ValueLoss = Callable[[ValueLossConfig, jax.Array, jax.Array, jax.Array, jax.Arra
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
 VALUE_LOSSES: Registry[ValueLoss] = Registry("value loss")
 
+NORMALIZERS = ("token", "sequence", "row")
+# (registry kind, loss name) -> normalizer; a loss registered on the Registry directly is "token".
+_NORMALIZER_OF: dict[tuple[str, str], str] = {}
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-  """Decorator registering `fn(cfg, logprobs, old_logprobs, advantages, mask)` under `name`."""
-  return POLICY_LOSSES.register(name)
+
+def _register(registry: Registry, name: str, normalizer: str) -> Callable:
+  if normalizer not in NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+  register = registry.register(name)
+
+  def decorator(fn):
+    fn = register(fn)
+    _NORMALIZER_OF[(registry.kind, name)] = normalizer
+    return fn
+  return decorator
 
 
-def register_value_loss(name: str) -> Callable[[ValueLoss], ValueLoss]:
-  """Decorator registering `fn(cfg, values, old_values, returns, mask)` under `name`."""
-  return VALUE_LOSSES.register(name)
+def register_policy_loss(name: str,
+                         normalizer: str = "token") -> Callable[[PolicyLoss], PolicyLoss]:
+  """Decorator registering `fn(cfg, logprobs, old_logprobs, advantages, mask)` under `name`,
+  dividing by the `normalizer` count (one of `NORMALIZERS`, see the module docstring)."""
+  return _register(POLICY_LOSSES, name, normalizer)
+
+
+def register_value_loss(name: str, normalizer: str = "token") -> Callable[[ValueLoss], ValueLoss]:
+  """Decorator registering `fn(cfg, values, old_values, returns, mask)` under `name`, dividing
+  by the `normalizer` count (one of `NORMALIZERS`, see the module docstring)."""
+  return _register(VALUE_LOSSES, name, normalizer)
+
+
+def loss_normalizer(registry: Registry, name: str) -> str:
+  """The normalizer the loss `name` of `registry` (POLICY_LOSSES or VALUE_LOSSES) declared."""
+  registry.get(name)
+  return _NORMALIZER_OF.get((registry.kind, name), "token")
+
+
+def normalizer_counts(mask: jax.Array) -> dict[str, jax.Array]:
+  """The float32 count each of `NORMALIZERS` divides by, on a [B, T] mask (1 = valid token)."""
+  chex.assert_rank(mask, 2)
+  valid = mask.astype(bool)
+  return {"token": jnp.sum(valid, dtype=jnp.float32),
+          "sequence": jnp.sum(jnp.any(valid, axis=1), dtype=jnp.float32),
+          "row": jnp.asarray(mask.shape[0], jnp.float32)}
 
 
 def _check_and_cast(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -179,7 +225,7 @@ def ppo_dual_clip_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs:
   }
 
 
-@register_policy_loss("grpo")
+@register_policy_loss("grpo", normalizer="sequence")
 def grpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
               advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
   """GRPO clipped objective, averaged per sequence first, then over sequences.

@@ -84,6 +84,10 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
     if (self.batch_size * self.group_size) % self.num_minibatches:
       raise ValueError(f"batch_size*group_size={self.batch_size * self.group_size} is not "
                        f"divisible by num_minibatches={self.num_minibatches}")
+    minibatch = self.batch_size * self.group_size // self.num_minibatches
+    if self.micro_batch_size is not None and minibatch % self.micro_batch_size:
+      raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide the minibatch "
+                       f"size {minibatch} (batch_size*group_size / num_minibatches)")
 
   @property
   def algorithm(self) -> ppo_lib.PPOConfig:
