@@ -23,7 +23,7 @@ from rlhf_jax.losses import (Aux, PolicyLossConfig, _approx_kl, _check_and_cast,
 from rlhf_jax.masked import masked_mean, masked_sum
 
 
-@register_policy_loss("gspo")
+@register_policy_loss("gspo", normalizer="sequence")
 def gspo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
               advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
   """Group Sequence Policy Optimization (Zheng et al. 2025, arXiv:2507.18071).
@@ -45,7 +45,7 @@ def gspo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Arra
   }
 
 
-@register_policy_loss("gspo_token")
+@register_policy_loss("gspo_token", normalizer="sequence")
 def gspo_token_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
                     advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
   """GSPO-token (Zheng et al. 2025, arXiv:2507.18071), with per-token advantages.
@@ -68,7 +68,7 @@ def gspo_token_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: ja
   }
 
 
-@register_policy_loss("dr_grpo")
+@register_policy_loss("dr_grpo", normalizer="row")
 def dr_grpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
                  advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
   """Dr. GRPO objective (Liu et al. 2025, "Understanding R1-Zero-Like Training",
@@ -132,7 +132,7 @@ def cispo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Arr
   }
 
 
-@register_policy_loss("gmpo")
+@register_policy_loss("gmpo", normalizer="sequence")
 def gmpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
               advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
   """Geometric-Mean Policy Optimization (Zhao et al. 2025, arXiv:2507.20673).
@@ -162,7 +162,7 @@ def gmpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Arra
   }
 
 
-@register_policy_loss("sapo")
+@register_policy_loss("sapo", normalizer="sequence")
 def sapo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
               advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
   """Soft Adaptive Policy Optimization (Gao et al. 2025, arXiv:2511.20347): a sigmoid gate on the

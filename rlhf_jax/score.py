@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import kl as kl_lib
-from rlhf_jax.losses import chunked_token_logprobs
+from rlhf_jax.logprobs import chunked_token_logprobs
 from rlhf_jax.masked import last_valid_mask, masked_mean, masked_sum, masked_whiten
 from rlhf_jax.rollout import Rollout, completion_hidden
 

@@ -129,7 +129,8 @@ EXPLICIT = {
     "ppo.value_loss.name": "mse", "ppo.advantage.estimator": "rloo", "ppo.kl.estimator": "k3",
     "ppo.kl.controller": "adaptive", "ppo.critic": "shared", "sft.optim.schedule": "linear",
     "reward.optim.schedule": "linear", "ppo.optim.schedule": "linear",
-    "ppo.frozen_param_dtype": "bfloat16", "model.remat": "full",
+    "ppo.frozen_param_dtype": "bfloat16", "model.remat": "full", "ppo.micro_batch_size": 8,
+    "sft.micro_batch_size": 16, "reward.micro_batch_size": 16,
 }
 
 

@@ -57,7 +57,7 @@ class DecoderConfig:
       outputs in pinned host memory instead of device memory. A training setting of this
       library, not of the checkpoint: it is never written to config.json.
     logits_chunk_size: Positions whose LM-head logits exist at once when log-probs and
-      entropies are computed for scoring and PPO (`losses.chunked_token_logprobs`): at V = 128k
+      entropies are computed for scoring and PPO (`logprobs.chunked_token_logprobs`): at V = 128k
       the float32 [B, N, V] logits would be a minibatch's largest tensor. Like `remat`, never
       written to config.json.
   """
