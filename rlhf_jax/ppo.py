@@ -286,10 +286,15 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
     carry = jax.lax.cond(finite, step, lambda *c: c, params, opt_state)
     return carry, dict(metrics, grad_norm=grad_norm, nonfinite_steps=1.0 - finite)
 
+  def shuffle(x, perm):
+    x = x[perm].reshape((cfg.num_minibatches, mb_size) + x.shape[1:])
+    # A permutation gather over a batch-sharded array leaves its result replicated: each
+    # minibatch's rows go back onto the batch axes (a no-op without a mesh).
+    return sharding_lib.constrain(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+
   def epoch(carry, key):
     perm = jax.random.permutation(key, b)
-    shuffled = jax.tree.map(
-        lambda x: x[perm].reshape((cfg.num_minibatches, mb_size) + x.shape[1:]), batch)
+    shuffled = jax.tree.map(lambda x: shuffle(x, perm), batch)
     return jax.lax.scan(minibatch_step, carry, shuffled)
 
   keys = jax.random.split(jax.random.fold_in(state.rng, state.step), cfg.ppo_epochs)

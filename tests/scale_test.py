@@ -2,6 +2,7 @@
 sizes, and the tool's programs compiled on a narrow model with abstract sharded inputs."""
 
 import importlib.util
+import math
 import pathlib
 
 import jax
@@ -127,3 +128,44 @@ def test_programs_compile_with_sharded_abstract_inputs(scale):
     assert 0 < res["memory"]["argument"] <= global_bytes / 8 + 4096, name
     assert prog.ideal_wire_bytes > 0
   assert programs["collect"].loop_bound == work.response_len - 1
+
+
+# Pod-scale properties on 8 fake devices and a narrow Llama none of whose sizes (nor their 8-way
+# shards) equals a global row count (16, 8, 32) or rows x positions (256, 512, 1024), so that a
+# flagged op is a real one.
+WORK = dict(batch=16, prompt_len=16, response_len=16, num_minibatches=2)
+NARROW = dict(layers=2, vocab_size=1000, hidden_size=96, num_heads=6, num_kv_heads=2, head_dim=6,
+              intermediate_size=160)
+
+
+def _measure(scale, devices: int, name: str):
+  cfg = scale.model_config("llama3-8b", **NARROW)
+  work = scale.Workload(**WORK)
+  mesh = sharding.make_mesh((1, devices, 1), devices=jax.devices()[:devices])
+  programs = {**scale.ppo_programs(cfg, cfg.replace(param_dtype="bfloat16"), work, mesh),
+              **scale.supervised_programs(cfg, work, mesh)}
+  prog = programs[name]
+  lengths = (work.prompt_len, work.response_len, work.prompt_len + work.response_len)
+  with jax.set_mesh(mesh):   # as the trainers trace
+    return work, scale.measure(prog.fn, *prog.args, num_devices=devices, batch_sizes=prog.rows,
+                               flat_sizes=[b * t for b in prog.rows for t in lengths])
+
+
+@pytest.mark.parametrize("name", ["update", "collect", "sft_step", "rm_step"])
+def test_no_collective_carries_global_batch_activations(scale, name):
+  """fsdp means gathered weights and batch-sharded activations: no all-reduce / all-gather may
+  carry the global batch's hidden states, logits or MLP activations (more than one float per
+  token of it; per-row scalars such as scores are allowed)."""
+  work, res = _measure(scale, 8, name)
+  per_token = work.batch * 2 * (work.prompt_len + work.response_len) * 4   # rm: 2 rows a pair
+  def largest(arrays):   # elements of the op's largest array, at 4 bytes each
+    return max((4 * math.prod(shape) for _, shape in arrays), default=0)
+  bad = [o for o in res["collectives"]["ops"]
+         if o["global_batch"] and max(largest(o["operand"]), largest(o["result"])) > per_token]
+  assert not bad, "; ".join(f"{o['kind']} {o['operand']} -> {o['result']}" for o in bad[:3])
+
+
+@pytest.mark.parametrize("name", ["update", "sft_step", "rm_step"])
+def test_temporaries_fall_with_devices(scale, name):
+  temp = {n: _measure(scale, n, name)[1]["memory"]["temp"] for n in (1, 8)}
+  assert temp[8] <= 2.0 * temp[1] / 8, temp

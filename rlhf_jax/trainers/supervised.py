@@ -275,7 +275,11 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
 
   start = time.perf_counter()
   first = put_batch(take_rows(train, epoch_batches(n, cfg.batch_size, cfg.seed, 0)[0]), mesh)
-  step_fn = step_fn.lower(params, opt_state, first).compile()
+  if mesh is None:
+    step_fn = step_fn.lower(params, opt_state, first).compile()
+  else:   # traced with the mesh set, so the model's activation constraints apply
+    with jax.set_mesh(mesh):
+      step_fn = step_fn.lower(params, opt_state, first).compile()
   logging.info("fit: compiled the train step in %.1f s (%d steps)", time.perf_counter() - start,
                total)
 
