@@ -69,6 +69,7 @@ class Workload:
   response_len: int = 512
   num_minibatches: int = 4
   ppo_epochs: int = 1
+  micro_batch_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
   b, p, n = work.batch, work.prompt_len, work.response_len
   sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD)
   ppo_cfg = ppo_lib.PPOConfig(sampling=sampling, num_minibatches=work.num_minibatches,
-                              ppo_epochs=work.ppo_epochs,
+                              ppo_epochs=work.ppo_epochs, micro_batch_size=work.micro_batch_size,
                               kl=kl_lib.KLConfig(estimator="k1", in_reward=True))
   tx = make_optimizer(OptimConfig())
   state = jax.eval_shape(lambda: ppo_lib.init_train_state(
@@ -215,8 +216,8 @@ def run(args) -> list[dict]:
   shape = tuple(int(s) for s in args.mesh.split(","))
   mesh = sharding_lib.make_mesh(shape, devices=jax.devices()[:math.prod(shape)])
   work = Workload(args.batch, args.prompt_len, args.response_len, args.num_minibatches,
-                  args.ppo_epochs)
-  cfg = model_config(args.model, args.layers, args.dtype)
+                  args.ppo_epochs, args.micro_batch_size)
+  cfg = model_config(args.model, args.layers, args.dtype, remat=args.remat)
   frozen = cfg.replace(param_dtype=args.frozen_dtype, dtype=args.dtype)
   wanted = args.programs.split(",")
   programs = {}
@@ -281,6 +282,9 @@ def parse_args(argv=None):
   ap.add_argument("--response_len", type=int, default=512)
   ap.add_argument("--num_minibatches", type=int, default=4)
   ap.add_argument("--ppo_epochs", type=int, default=1)
+  ap.add_argument("--micro_batch_size", type=int, default=None,
+                  help="PPO gradient accumulation: rows per microbatch (global)")
+  ap.add_argument("--remat", default="none", help="DecoderConfig.remat of the trained models")
   ap.add_argument("--dtype", default="bfloat16", help="compute dtype of every model")
   ap.add_argument("--frozen_dtype", default="bfloat16", help="param dtype of reference + reward")
   args = ap.parse_args(argv)
