@@ -24,7 +24,8 @@ from rlhf_jax.rollout import SamplingConfig
 from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 
-PPO_PLOT_KEYS = ["raw_score_mean", "eval_reward", "gold_score", "kl", "entropy", "approx_kl",
+# The reward-model score and the gold score share a panel: their divergence is reward hacking.
+PPO_PLOT_KEYS = ["raw_score_mean", ("eval_reward", "gold_score"), "kl", "entropy", "approx_kl",
                  "clipfrac", "value_loss", "explained_variance", "eval_win_rate",
                  "response_length", "tokens_per_s"]
 
@@ -200,7 +201,8 @@ def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
   _save(trainer.policy, tokenizer, paths.policy)
   if jax.process_index() == 0:
     records = read_jsonl(writer.path)
-    plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO")
+    plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO",
+                flag_key="reward_hacking")
     with open(os.path.join(paths.ppo, "samples.md"), "w") as f:
       f.write(evaluation.samples_table(final.get("samples", [])) + "\n")
   return final
