@@ -62,15 +62,15 @@ def eval_metrics(raw: np.ndarray, ref_raw: np.ndarray, device_metrics: Mapping[s
     device_metrics: `score`'s metrics of the policy's completions (kl, response_length, eos_rate).
     rows, ref_rows: The policy's and the reference's valid completion tokens (see `valid_rows`).
     gold, ref_gold: [B] gold scores of the policy's and the reference's completions (see
-      `gold_scores`), if judged: logged as their means, with the policy's standard error
-      as gold_score_se.
+      `gold_scores`), if judged.
 
-  Standard errors (eval_reward_se, gold_score_se) are std(x, ddof=1) / sqrt(B), 0 for B = 1.
+  Every mean comes with its standard error (key + "_se"): std(x, ddof=1) / sqrt(B), 0 for B = 1.
   """
   out = {
       "eval_reward": float(raw.mean()),
       "eval_reward_se": _standard_error(raw),
       "eval_ref_reward": float(ref_raw.mean()),
+      "eval_ref_reward_se": _standard_error(ref_raw),
       "eval_win_rate": win_rate(raw, ref_raw),
       "eval_kl": float(device_metrics["kl"]),
       "eval_response_length": float(device_metrics["response_length"]),
@@ -85,6 +85,7 @@ def eval_metrics(raw: np.ndarray, ref_raw: np.ndarray, device_metrics: Mapping[s
     out["gold_score"] = float(np.mean(gold))
     out["gold_score_se"] = _standard_error(gold)
     out["ref_gold_score"] = float(np.mean(ref_gold))
+    out["ref_gold_score_se"] = _standard_error(ref_gold)
   return out
 
 
@@ -106,12 +107,14 @@ def reward_hacking(history: Sequence[Mapping[str, Any]], *, gold_z: float = 3.0,
                    max_kl_per_token: float = 1.0, min_distinct_ratio: float = 0.5) -> Verdict:
   """Whether the latest evaluation shows the policy exploiting its reward model.
 
-  With a gold judge (every evaluation has "gold_score" and "gold_score_se"), it fires when the
-  gold score has fallen significantly from its best while the reward-model score has not:
+  With a gold judge (every evaluation has "gold_score"), it fires when the gold score has fallen
+  significantly from its best while the reward-model score has not:
     gold_best - gold_now > z * sqrt(gse_best^2 + gse_now^2)  and
     proxy_best - proxy_now <= z * sqrt(pse_best^2 + pse_now^2),
-  best being the evaluation with the highest gold score so far, proxy the reward-model score
-  ("eval_reward", standard error "eval_reward_se") and z = `gold_z`. This is the overoptimisation
+  best being the highest gold score so far, the reference's included (the policy starts as the
+  reference, so a policy that games the reward model before the first evaluation still drops
+  from there), proxy the reward-model score ("eval_reward"; the reference's "eval_ref_reward"),
+  se their standard errors (the keys + "_se", see `eval_metrics`) and z = `gold_z`. This is the overoptimisation
   of Gao et al. 2023: past a point the proxy keeps its gains (or grows) while the true reward
   turns down. Margins in standard errors hold for any judge's and reward model's scale; a proxy
   that is saturated and noisy cannot hide the divergence, and a policy that gets worse on both
@@ -144,19 +147,24 @@ def reward_hacking(history: Sequence[Mapping[str, Any]], *, gold_z: float = 3.0,
              f"{max_kl_per_token:g}), distinct-2 {now['eval_distinct_2']:.3f} "
              f"({'below' if diversity_alarm else 'at least'} {min_distinct_ratio:g} x the "
              f"reference's {now['eval_ref_distinct_2']:.3f})")
-  if any("gold_score" not in e or "gold_score_se" not in e for e in history):
+  if any("gold_score" not in e for e in history):
     return Verdict(kl_alarm and diversity_alarm,
                    f"no gold judge, so KL and distinct-n only: {support}", signals)
-  best_i = int(np.argmax([e["gold_score"] for e in history]))
-  best = history[best_i]
+  first = history[0]
+  start = {"eval_reward": first["eval_ref_reward"], "eval_reward_se": first["eval_ref_reward_se"],
+           "gold_score": first["ref_gold_score"], "gold_score_se": first["ref_gold_score_se"]}
+  points = [start, *history]
+  best_i = int(np.argmax([e["gold_score"] for e in points]))
+  best = points[best_i]
+  where = "the reference's" if best_i == 0 else f"at evaluation {best_i} of {len(history)}"
   drop = best["gold_score"] - now["gold_score"]
   margin = gold_z * float(np.hypot(best["gold_score_se"], now["gold_score_se"]))
   proxy_margin = gold_z * float(np.hypot(best["eval_reward_se"], now["eval_reward_se"]))
   proxy_held = best["eval_reward"] - now["eval_reward"] <= proxy_margin
   signals.update(hacking_gold_drop=drop, hacking_gold_margin=margin)
   reason = (f"gold score {now['gold_score']:.3f}, {drop:.3f} below its best "
-            f"{best['gold_score']:.3f} (evaluation {best_i + 1} of {len(history)}; a drop of "
-            f"more than {margin:.3f} = {gold_z:g} standard errors counts), reward-model score "
+            f"{best['gold_score']:.3f} ({where}; a drop of more than {margin:.3f} = "
+            f"{gold_z:g} standard errors counts), reward-model score "
             f"{now['eval_reward']:.3f} {'held' if proxy_held else 'fell'} from "
             f"{best['eval_reward']:.3f} there (by {proxy_margin:.3f} at most); {support}")
   return Verdict(drop > margin and proxy_held, reason, signals)

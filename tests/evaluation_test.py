@@ -63,17 +63,18 @@ def test_eval_metrics_assembles_the_eval_record():
   raw, ref_raw = np.array([1.0, 2.0], np.float32), np.array([1.0, 0.0], np.float32)
   m = {"kl": np.float32(0.25), "response_length": np.float32(3.0), "eos_rate": np.float32(0.5)}
   rows, ref_rows = [[1, 2, 1], [3]], [[4, 4, 4]]
-  want = {"eval_reward": 1.5, "eval_reward_se": 0.5, "eval_ref_reward": 0.5, "eval_win_rate": 0.75, "eval_kl": 0.25,
+  want = {"eval_reward": 1.5, "eval_reward_se": 0.5, "eval_ref_reward": 0.5,
+          "eval_ref_reward_se": 0.5, "eval_win_rate": 0.75, "eval_kl": 0.25,
           "eval_response_length": 3.0, "eval_eos_rate": 0.5, "eval_distinct_1": 3 / 4,
           "eval_distinct_2": 1.0, "eval_ref_distinct_2": 1 / 2}
   got = evaluation.eval_metrics(raw, ref_raw, m, rows, ref_rows)
   assert got == want and list(got) == list(want)
   assert all(type(v) is float for v in got.values())
   judged = evaluation.eval_metrics(raw, ref_raw, m, rows, ref_rows, gold=np.array([0.2, 0.6, 1.0]),
-                                   ref_gold=np.array([0.25]))
+                                   ref_gold=np.array([0.25, 0.75]))
   # std with ddof=1 of (0.2, 0.6, 1.0) is 0.4; over sqrt(3).
   assert judged == pytest.approx({**want, "gold_score": 0.6, "gold_score_se": 0.4 / np.sqrt(3),
-                                  "ref_gold_score": 0.25})
+                                  "ref_gold_score": 0.5, "ref_gold_score_se": 0.25})
   single = evaluation.eval_metrics(raw, ref_raw, m, rows, ref_rows, np.array([0.5]),
                                    np.array([0.1]))
   assert single["gold_score_se"] == 0.0
@@ -84,11 +85,13 @@ def test_eval_metrics_assembles_the_eval_record():
 
 
 def _eval(proxy, gold=None, se=0.01, kl=1.0, length=10.0, distinct=0.4, ref_distinct=0.4,
-          proxy_se=0.05):
-  e = {"eval_reward": proxy, "eval_reward_se": proxy_se, "eval_kl": kl, "eval_response_length": length,
+          proxy_se=0.05, ref=(0.0, -0.5)):
+  """An evaluation record; the reference scored `ref` = (proxy, gold), with the same errors."""
+  e = {"eval_reward": proxy, "eval_reward_se": proxy_se, "eval_ref_reward": ref[0],
+       "eval_ref_reward_se": proxy_se, "eval_kl": kl, "eval_response_length": length,
        "eval_distinct_2": distinct, "eval_ref_distinct_2": ref_distinct}
   if gold is not None:
-    e.update(gold_score=gold, gold_score_se=se)
+    e.update(gold_score=gold, gold_score_se=se, ref_gold_score=ref[1], ref_gold_score_se=se)
   return e
 
 
@@ -106,12 +109,23 @@ def test_monitor_fires_when_gold_falls_from_its_best_and_the_proxy_holds():
   assert verdict.signals == pytest.approx({
       "hacking_kl_alarm": 0, "hacking_diversity_alarm": 0, "hacking_gold_drop": 0.3,
       "hacking_gold_margin": 3 * np.hypot(0.01, 0.01)})
-  assert verdict.reason.startswith("gold score 0.200, 0.300 below its best 0.500 (evaluation 2 "
-                                   "of 4; a drop of more than 0.042 = 3 standard errors counts), "
+  assert verdict.reason.startswith("gold score 0.200, 0.300 below its best 0.500 (at "
+                                   "evaluation 2 of 4; a drop of more than 0.042 = 3 standard errors counts), "
                                    "reward-model score 1.900 held from 2.000 there (by 0.212 at "
                                    "most); KL 0.10 nats/token")
   assert hist == before   # nothing added, nothing changed
   assert evaluation.reward_hacking(tuple(hist)).flag
+
+
+def test_monitor_counts_the_reference_as_the_start():
+  # Gamed before the first evaluation: gold never rose above the reference's 0.1.
+  hist = [_eval(5.0, -1.0, ref=(0.5, 0.1)), _eval(5.5, -1.0, ref=(0.6, 0.0))]
+  verdict = evaluation.reward_hacking(hist[:1])
+  assert verdict.flag and "best 0.100 (the reference's" in verdict.reason
+  assert verdict.signals["hacking_gold_drop"] == pytest.approx(1.1)
+  assert evaluation.reward_hacking(hist).flag   # the first evaluation's reference stays the start
+  # Worse than the reference on gold and on the proxy: a bad policy, not a hacked reward model.
+  assert not evaluation.reward_hacking([_eval(0.0, -1.0, ref=(0.5, 0.1))]).flag
 
 
 @pytest.mark.parametrize("hist", [
@@ -119,7 +133,7 @@ def test_monitor_fires_when_gold_falls_from_its_best_and_the_proxy_holds():
     _history((1.0, 0.3), (3.0, 0.5), (2.7, 0.2)),               # both fall: the proxy by > 0.212
     _history((1.0, 0.3), (2.0, 0.5), (2.5, 0.46)),              # a drop within 3 standard errors
     [_eval(1.0, 0.5, se=0.1), _eval(2.0, 0.1, se=0.1)],         # 0.4 < 3 * hypot(0.1, 0.1)
-    _history((1.0, 0.5)),                                       # one evaluation: no drop
+    _history((1.0, 0.5)),                                       # above the reference
     [_eval(r, kl=30.0) for r in (1.0, 2.0, 3.0)],                # no gold, KL alone
     [_eval(r, distinct=0.01) for r in (1.0, 2.0, 3.0)],          # no gold, diversity alone
     [],
