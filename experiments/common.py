@@ -1,6 +1,7 @@
 """What every experiment main shares: the default config path, JAX setup, and one clear error."""
 
 import os
+import re
 import sys
 
 import jax
@@ -82,8 +83,11 @@ def guard(main):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing where a bad flag or config (unknown key, bad value, a config file that
-  raises) ends the run like bad input: one `error:` line, exit status 2."""
+  """absl flag parsing where a bad flag or config (unknown key at any depth, bad value, a config
+  file that raises) ends the run like bad input: one `error:` line, exit status 2. Without
+  --config the default config file is read (here, not at import, so its errors are caught too)."""
+  if not any(re.match(r"--?config(=|$)", a) for a in argv[1:]):
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -91,12 +95,25 @@ def parse_flags(argv: list[str]) -> list[str]:
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     detail = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
   except (KeyError, AttributeError) as e:   # ml_collections: an override of a missing field
-    field = str(e).strip("'\"")
-    named = [a.split("=")[0] for a in argv[1:]
-             if a.startswith("--") and field in a.split("=")[0].split(".")[1:]]
-    detail = f"unknown config field {named[0] if named else repr(field)}"
+    detail = f"unknown config field {_unknown_override(e, argv)}"
   print(f"error: {detail} (see --helpfull)", file=sys.stderr)
   sys.exit(2)
+
+
+def _unknown_override(error: Exception, argv: list[str]) -> str:
+  """The --config.a.b override naming the missing field ml_collections' error is about."""
+  while error.args and isinstance(error.args[0], Exception):   # AttributeError(KeyError(...))
+    error = error.args[0]
+  message = str(error.args[0]) if error.args else str(error)
+  field = message.splitlines()[0].strip("'\"")   # the KeyError may add "Did you mean ...?"
+  for arg in argv[1:]:
+    name = arg.split("=")[0].lstrip("-")
+    if name.startswith("noconfig."):   # --noconfig.flag sets a bool to False
+      name = name[2:]
+    parts = name.split(".")
+    if parts[0] == "config" and field in parts[1:]:
+      return "--" + ".".join(parts)
+  return repr(field)
 
 
 def run(main) -> None:
@@ -105,9 +122,12 @@ def run(main) -> None:
 
 
 def define_flags():
-  """--config (file[:variant], with --config.x=y overrides) and --workdir."""
+  """--config (file[:variant], with --config.a.b=c overrides at any depth) and --workdir."""
+  # No default here: config_flags would load it at import, outside `parse_flags`, which fills
+  # it in instead.
   config = config_flags.DEFINE_config_file(
-      "config", DEFAULT_CONFIG, "Run configuration (file[:variant]).", lock_config=True)
+      "config", None, f"Run configuration (file[:variant]; default {DEFAULT_CONFIG}).",
+      lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Output directory (data, checkpoints, metrics).",
                                 required=True)
   return config, workdir

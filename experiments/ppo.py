@@ -2,7 +2,7 @@ r"""Stage 3 alone: PPO from an SFT policy against a reward model; writes <workdi
 
   python -m experiments.ppo --workdir=DIR --config.policy_path=DIR/sft \
       --config.reward_path=DIR/reward
-  python -m experiments.ppo --workdir=DIR --config.task='' --config.prompts=prompts.jsonl \
+  python -m experiments.ppo --workdir=DIR --config.task.name='' --config.prompts=prompts.jsonl \
       --config.policy_path=SFT_CKPT --config.reward_path=RM_CKPT --config.ppo.max_steps=20000
 """
 
@@ -10,6 +10,7 @@ import json
 
 from experiments import common
 from rlhf_jax import pipeline
+from rlhf_jax.config_tree import from_config_dict
 
 _CONFIG, _WORKDIR = common.define_flags()
 
@@ -17,11 +18,11 @@ _CONFIG, _WORKDIR = common.define_flags()
 def main(argv):
   del argv
   common.setup()
-  config = _CONFIG.value
+  config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
   if not (config.policy_path and config.reward_path):
     raise ValueError("set --config.policy_path and --config.reward_path (Hugging Face checkpoints)")
   paths = pipeline.Paths(_WORKDIR.value)
-  pipeline.prepare_default_task(config, paths)
+  config = pipeline.prepare_default_task(config, paths)
   final = pipeline.run_ppo(config, paths, config.policy_path, config.reward_path)
   print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
 

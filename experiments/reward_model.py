@@ -1,12 +1,13 @@
 r"""Stage 2 alone: Bradley-Terry reward model; writes <workdir>/reward.
 
   python -m experiments.reward_model --workdir=DIR --config.policy_path=DIR/sft
-  python -m experiments.reward_model --workdir=DIR --config.task='' \
+  python -m experiments.reward_model --workdir=DIR --config.task.name='' \
       --config.preferences=pairs.jsonl --config.policy_path=SFT_CKPT
 """
 
 from experiments import common
 from rlhf_jax import pipeline
+from rlhf_jax.config_tree import from_config_dict
 
 _CONFIG, _WORKDIR = common.define_flags()
 
@@ -14,11 +15,11 @@ _CONFIG, _WORKDIR = common.define_flags()
 def main(argv):
   del argv
   common.setup()
-  config = _CONFIG.value
+  config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
   if not config.policy_path:
     raise ValueError("set --config.policy_path to the SFT checkpoint the reward model starts from")
   paths = pipeline.Paths(_WORKDIR.value)
-  pipeline.prepare_default_task(config, paths)
+  config = pipeline.prepare_default_task(config, paths)
   print(pipeline.run_reward(config, paths, config.policy_path))
 
 

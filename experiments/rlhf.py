@@ -3,13 +3,14 @@ r"""SFT -> reward model -> PPO in one command.
   python -m experiments.rlhf --workdir=runs/default
   python -m experiments.rlhf --workdir=DIR --config=experiments/configs/default.py:grpo
   python -m experiments.rlhf --workdir=DIR --config.policy_path=SFT_CKPT \
-      --config.reward_path=RM_CKPT --config.prompts=prompts.jsonl --config.task=''
+      --config.reward_path=RM_CKPT --config.prompts=prompts.jsonl --config.task.name=''
 """
 
 import json
 
 from experiments import common
 from rlhf_jax import pipeline
+from rlhf_jax.config_tree import from_config_dict
 
 _CONFIG, _WORKDIR = common.define_flags()
 
@@ -17,7 +18,8 @@ _CONFIG, _WORKDIR = common.define_flags()
 def main(argv):
   del argv
   common.setup()
-  final = pipeline.run_all(_CONFIG.value, _WORKDIR.value)
+  config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
+  final = pipeline.run_all(config, _WORKDIR.value)
   print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
 
 

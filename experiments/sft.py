@@ -1,12 +1,13 @@
 r"""Stage 1 alone: supervised fine-tuning; writes <workdir>/sft (a Hugging Face checkpoint).
 
   python -m experiments.sft --workdir=DIR                      # built-in task, model from scratch
-  python -m experiments.sft --workdir=DIR --config.task='' --config.sft_data=sft.jsonl \
+  python -m experiments.sft --workdir=DIR --config.task.name='' --config.sft_data=sft.jsonl \
       --config.policy_path=BASE_CKPT
 """
 
 from experiments import common
 from rlhf_jax import pipeline
+from rlhf_jax.config_tree import from_config_dict
 
 _CONFIG, _WORKDIR = common.define_flags()
 
@@ -14,9 +15,9 @@ _CONFIG, _WORKDIR = common.define_flags()
 def main(argv):
   del argv
   common.setup()
+  config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
   paths = pipeline.Paths(_WORKDIR.value)
-  pipeline.prepare_default_task(_CONFIG.value, paths)
-  print(pipeline.run_sft(_CONFIG.value, paths))
+  print(pipeline.run_sft(pipeline.prepare_default_task(config, paths), paths))
 
 
 if __name__ == "__main__":

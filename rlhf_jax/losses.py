@@ -299,6 +299,61 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.exp(safe_logp) * safe_logp, axis=-1)
 
 
+def chunked_token_logprobs(hidden: jax.Array, head: Callable[[jax.Array], jax.Array],
+                           tokens: jax.Array, *, chunk_size: int, temperature: float = 1.0,
+                           with_entropy: bool = False):
+  """`token_logprobs(head(hidden) / T, tokens)` (and `entropy_from_logits` of the same logits)
+  without the full [B, N, V] logits.
+
+  Positions are processed `chunk_size` at a time in a `lax.map`, each chunk under
+  `jax.checkpoint`: the forward keeps one chunk's [B, chunk, V] logits alive, and the backward
+  recomputes them chunk by chunk from the saved hidden states. At V = 128k the float32 logits of
+  a PPO minibatch are its largest tensor (DESIGN.md section 4). N need not be a multiple of
+  chunk_size: the last chunk is padded and the padding sliced off.
+
+  Args:
+    hidden: [B, N, d] hidden states; position t predicts tokens[:, t].
+    head: hidden chunk [B, c, d] -> logits [B, c, V] (e.g. `CausalLM.logits`); any function, so
+      a vocabulary-sharded head fits.
+    tokens: [B, N] integer ids.
+    chunk_size: Positions per chunk (>= 1; values >= N give a single chunk).
+    temperature: Logits are divided by it (the sampling temperature).
+    with_entropy: Also return the per-token entropy.
+
+  Returns:
+    log-probs [B, N] float32, or (log-probs, entropy) with `with_entropy`.
+  """
+  chex.assert_rank([hidden, tokens], [3, 2])
+  chex.assert_equal_shape_prefix([hidden, tokens], 2)
+  chex.assert_type(tokens, int)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  b, n, d = hidden.shape
+  size = min(chunk_size, n)
+  chunks = -(-n // size)
+  pad = chunks * size - n
+  # Chunk-major [chunks, B, size, ...], the layout lax.map iterates over.
+  split = lambda x: jnp.moveaxis(
+      jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
+          (b, chunks, size) + x.shape[2:]), 1, 0)
+  positions = split(jnp.broadcast_to(jnp.arange(n), (b, n)))
+
+  @jax.checkpoint
+  def chunk(args):
+    h, tok, pos = args
+    logits = head(h).astype(jnp.float32) / temperature
+    valid = pos < n
+    # Padded rows are zeroed here so nothing they compute can reach a result or a gradient.
+    out = [jnp.where(valid, token_logprobs(logits, tok), 0.0)]
+    if with_entropy:
+      out.append(jnp.where(valid, entropy_from_logits(logits), 0.0))
+    return tuple(out)
+
+  outs = jax.lax.map(chunk, (split(hidden), split(tokens), positions))
+  outs = tuple(jnp.moveaxis(o, 0, 1).reshape(b, chunks * size)[:, :n] for o in outs)
+  return outs if with_entropy else outs[0]
+
+
 def sft_loss(logits: jax.Array, ids: jax.Array,
              completion_mask: jax.Array) -> tuple[jax.Array, Aux]:
   """Next-token cross entropy on completion tokens only (supervised fine-tuning).

@@ -1,5 +1,7 @@
-"""The three stages of RLHF driven by one ml_collections config: SFT, reward model, PPO.
+"""The three stages of RLHF driven by one typed config tree: SFT, reward model, PPO.
 
+`ExperimentConfig` holds every stage's dataclass (`sft`, `reward`, `ppo`, `model`), and the command
+line edits its mirror ConfigDict (`--config.ppo.kl.init_coef=0.2`, see `rlhf_jax.config_tree`).
 The `experiments/*.py` mains are thin wrappers around these functions. Each stage reads its inputs
 from paths in the config (or what the previous stage wrote into the workdir) and writes Hugging Face
 checkpoints, so stages can run alone, in order, or on users' own checkpoints and data.
@@ -14,20 +16,75 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import evaluation
-from rlhf_jax import kl as kl_lib
-from rlhf_jax import losses, models, ppo, sharding
-from rlhf_jax.advantages import AdvantageConfig
+from rlhf_jax import evaluation, models, sharding
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
-from rlhf_jax.optim import OptimConfig
-from rlhf_jax.rollout import SamplingConfig
 from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
+from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
+from rlhf_jax.trainers.sft import SFTConfig, train_sft
 
 # The reward-model score and the gold score share a panel: their divergence is reward hacking.
 PPO_PLOT_KEYS = ["raw_score_mean", ("eval_reward", "gold_score"), "kl", "entropy", "approx_kl",
                  "clipfrac", "value_loss", "explained_variance", "eval_win_rate",
                  "response_length", "tokens_per_s"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """The built-in task (`rlhf_jax.data.synthetic`), written into <workdir>/data.
+
+  Attributes:
+    name: "default": the built-in task; "": your own data (the paths in `ExperimentConfig`).
+    seed: Seed of the task's corpus, pairs, labels and prompts.
+    num_sft: SFT demonstrations.
+    num_pairs: Preference pairs.
+    num_prompts: PPO training prompts (the evaluation prompts number `ppo.num_eval_prompts`).
+    label_temperature: Bradley-Terry temperature of the simulated labeler's choices.
+  """
+  name: str = "default"
+  seed: int = 0
+  num_sft: int = 6000
+  num_pairs: int = 10000
+  num_prompts: int = 4096
+  label_temperature: float = 0.1
+
+  def __post_init__(self):
+    if self.name not in ("default", ""):
+      raise ValueError(f"unknown task {self.name!r}: use 'default' or '' with data paths")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """One RLHF run: data, models, and each stage's config.
+
+  Attributes:
+    task: The built-in task; with `task.name=""` the data paths below are yours.
+    mesh_shape: Mesh over (data, fsdp, tensor); one -1 takes the remaining devices.
+    prompts, eval_prompts, sft_data, preferences: Data files (JSONL / text / parquet /
+      datasets-on-disk); empty: the built-in task's.
+    use_chat_template: Render prompts with the tokenizer's chat template. Not read by any stage
+      yet (nor before this tree): `data.encode_prompts` supports it, the trainers do not pass it.
+    policy_path, reward_path: Local Hugging Face checkpoints; empty: the stage trains one (SFT
+      from scratch with `model`, the reward model from the SFT policy's trunk).
+    tokenizer_path: Default: the policy checkpoint's directory (or the built-in task's).
+    model: The from-scratch architecture; vocab_size and the pad / EOS ids come from the
+      tokenizer. Its dtype and param_dtype also apply to loaded checkpoints.
+    sft, reward, ppo: The stages (`rlhf_jax.trainers`).
+  """
+  task: TaskConfig = TaskConfig()
+  mesh_shape: tuple[int, ...] = (-1, 1, 1)
+  prompts: str = ""
+  eval_prompts: str = ""
+  sft_data: str = ""
+  preferences: str = ""
+  use_chat_template: bool = False
+  policy_path: str = ""
+  reward_path: str = ""
+  tokenizer_path: str = ""
+  model: models.DecoderConfig = models.DecoderConfig()
+  sft: SFTConfig = SFTConfig()
+  reward: RewardConfig = RewardConfig()
+  ppo: PPOTrainerConfig = PPOTrainerConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,22 +100,19 @@ class Paths:
     raise AttributeError(name)
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
+def make_mesh(config: ExperimentConfig) -> jax.sharding.Mesh:
   return sharding.make_mesh(tuple(config.mesh_shape))
 
 
-def prepare_default_task(config, paths: Paths) -> None:
-  """Writes the built-in task's data files and tokenizer into the workdir and points the config
-  at them, so the default run reads data through the same loaders as users' files."""
-  if config.task != "default":
-    if config.task:
-      raise ValueError(f"unknown task {config.task!r}: use 'default' or '' with data paths")
-    return
-  n = max(config.sft.num_examples, 1)
+def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentConfig:
+  """Writes the built-in task's data files and tokenizer into the workdir; returns the config
+  pointed at them, so the default run reads data through the same loaders as users' files."""
+  t = config.task
+  if t.name != "default":
+    return config
   task = data_lib.make_default_task(
-      seed=config.seed, n_sft=n, n_pairs=config.reward.num_pairs,
-      n_prompts=config.ppo.num_prompts, n_eval_prompts=config.ppo.num_eval_prompts,
-      label_temperature=config.reward.label_temperature)
+      seed=t.seed, n_sft=max(t.num_sft, 1), n_pairs=t.num_pairs, n_prompts=t.num_prompts,
+      n_eval_prompts=config.ppo.num_eval_prompts, label_temperature=t.label_temperature)
   if jax.process_index() == 0:
     files = data_lib.write_default_task(task, paths.data)
     if not os.path.isdir(paths.tokenizer):
@@ -66,14 +120,15 @@ def prepare_default_task(config, paths: Paths) -> None:
   else:   # every process derives the same file names; process 0 writes them
     files = data_lib.DefaultTaskFiles(*(os.path.join(paths.data, f) for f in (
         "sft.jsonl", "preferences.jsonl", "train_prompts.jsonl", "eval_prompts.jsonl")))
-  config.sft_data = config.sft_data or files.sft
-  config.preferences = config.preferences or files.preferences
-  config.prompts = config.prompts or files.train_prompts
-  config.eval_prompts = config.eval_prompts or files.eval_prompts
-  config.tokenizer_path = config.tokenizer_path or paths.tokenizer
+  return dataclasses.replace(
+      config, sft_data=config.sft_data or files.sft,
+      preferences=config.preferences or files.preferences,
+      prompts=config.prompts or files.train_prompts,
+      eval_prompts=config.eval_prompts or files.eval_prompts,
+      tokenizer_path=config.tokenizer_path or paths.tokenizer)
 
 
-def load_tokenizer(config):
+def load_tokenizer(config: ExperimentConfig):
   from transformers import AutoTokenizer
   path = config.tokenizer_path or config.policy_path
   if not path:
@@ -83,6 +138,12 @@ def load_tokenizer(config):
   tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
   data_lib.check_tokenizer(tok)
   return tok
+
+
+def _load(config: ExperimentConfig, path: str, kind: str):
+  """A checkpoint in the run's compute and storage dtypes (`config.model`)."""
+  return models.from_pretrained(path, kind=kind, dtype=config.model.dtype,
+                                param_dtype=config.model.param_dtype)
 
 
 def _check_vocab(model_cfg: models.DecoderConfig, tokenizer, what: str) -> None:
@@ -97,47 +158,34 @@ def _save(model, tokenizer, path: str) -> None:
     tokenizer.save_pretrained(path)
 
 
-def run_sft(config, paths: Paths):
-  """Stage 1: supervised fine-tuning; writes <workdir>/sft. Returns the checkpoint path."""
-  from rlhf_jax.trainers.sft import SFTConfig, train_sft
+def run_sft(config: ExperimentConfig, paths: Paths) -> str:
+  """Stage 1: supervised fine-tuning; writes <workdir>/sft. Returns the checkpoint path.
+  A policy trained from scratch is initialised from `config.sft.seed`."""
   tokenizer = load_tokenizer(config)
   if config.policy_path:
-    policy = models.from_pretrained(config.policy_path, kind="causal_lm", dtype=config.dtype)
+    policy = _load(config, config.policy_path, "causal_lm")
   else:
-    cfg = models.DecoderConfig(
-        **config.model.to_dict(), vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, dtype=config.dtype)
-    policy = models.CausalLM(cfg, rngs=nnx.Rngs(config.seed))
+    cfg = config.model.replace(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    policy = models.CausalLM(cfg, rngs=nnx.Rngs(config.sft.seed))
   _check_vocab(policy.cfg, tokenizer, "policy")
   examples = data_lib.load_sft(config.sft_data)
-  s = config.sft
-  sft_cfg = SFTConfig(batch_size=s.batch_size, epochs=s.epochs, max_len=s.max_len,
-                      eval_fraction=s.eval_fraction, seed=config.seed,
-                      optim=OptimConfig(learning_rate=s.learning_rate, schedule="cosine",
-                                        warmup_steps=s.warmup_steps))
   writer = MetricsWriter(paths.sft, "metrics")
-  policy, _ = train_sft(policy, tokenizer, examples, sft_cfg, mesh=make_mesh(config),
+  policy, _ = train_sft(policy, tokenizer, examples, config.sft, mesh=make_mesh(config),
                         log_fn=writer.write)
   writer.close()
   _save(policy, tokenizer, paths.sft)
   return paths.sft
 
 
-def run_reward(config, paths: Paths, policy_path: str) -> str:
+def run_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
   """Stage 2: Bradley-Terry reward model from the SFT trunk; writes <workdir>/reward."""
-  from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
   tokenizer = load_tokenizer(config)
-  model = models.from_pretrained(policy_path, kind="scalar", dtype=config.dtype)
+  model = _load(config, policy_path, "scalar")
   _check_vocab(model.cfg, tokenizer, "reward model")
   pairs = data_lib.load_preferences(config.preferences)
-  r = config.reward
-  rm_cfg = RewardConfig(batch_size=r.batch_size, epochs=r.epochs, max_len=r.max_len,
-                        eval_fraction=r.eval_fraction, seed=config.seed,
-                        center_coef=r.center_coef,
-                        optim=OptimConfig(learning_rate=r.learning_rate, schedule="cosine",
-                                          warmup_steps=r.warmup_steps))
   writer = MetricsWriter(paths.reward, "metrics")
-  model, history, eval_metrics = train_reward_model(model, tokenizer, pairs, rm_cfg,
+  model, history, eval_metrics = train_reward_model(model, tokenizer, pairs, config.reward,
                                                     mesh=make_mesh(config), log_fn=writer.write)
   writer.write(history[-1]["step"] if history else 0,
                {f"final_eval_{k}": v for k, v in eval_metrics.items()})
@@ -147,49 +195,24 @@ def run_reward(config, paths: Paths, policy_path: str) -> str:
   return paths.reward
 
 
-def ppo_trainer_config(config) -> PPOTrainerConfig:
-  p = config.ppo
-  return PPOTrainerConfig(
-      sampling=SamplingConfig(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                              top_k=p.top_k, top_p=p.top_p, decode_layout=p.decode_layout),
-      group_size=p.group_size,
-      policy_loss=losses.PolicyLossConfig(name=p.policy_loss, clip_eps=p.clip_eps),
-      value_loss=losses.ValueLossConfig(name=p.value_loss, clip_eps=p.value_clip_eps),
-      advantage=AdvantageConfig(estimator=p.advantage, gamma=p.gamma, lam=p.lam),
-      kl=kl_lib.KLConfig(estimator=p.kl_estimator, in_reward=p.kl_in_reward,
-                         init_coef=p.kl_coef, controller=p.kl_controller, target=p.kl_target,
-                         horizon=p.kl_horizon),
-      critic=p.critic, ppo_epochs=p.ppo_epochs, num_minibatches=p.num_minibatches,
-      vf_coef=p.vf_coef, ent_coef=p.ent_coef, whiten_advantages=p.whiten_advantages,
-      missing_eos_penalty=p.missing_eos_penalty, whiten_scores=p.whiten_scores,
-      batch_size=p.batch_size, max_prompt_len=p.max_prompt_len,
-      max_steps=p.max_steps, reward_threshold=p.reward_threshold, eval_every=p.eval_every,
-      num_eval_prompts=p.num_eval_prompts, normalize_reward=p.normalize_reward,
-      seed=config.seed, checkpoint_every=p.checkpoint_every,
-      keep_checkpoints=p.keep_checkpoints, max_nonfinite_iterations=p.max_nonfinite_iterations,
-      optim=OptimConfig(learning_rate=p.learning_rate, schedule=p.lr_schedule,
-                        max_grad_norm=p.max_grad_norm))
-
-
-def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
+def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_path: str) -> dict:
   """Stage 3: PPO from the SFT policy against the reward model; writes <workdir>/ppo.
 
   Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
   """
   tokenizer = load_tokenizer(config)
-  tcfg = ppo_trainer_config(config)
-  policy = models.from_pretrained(policy_path, kind="causal_lm", dtype=config.dtype)
-  reward = models.from_pretrained(reward_path, kind="scalar", dtype=config.dtype)
+  policy = _load(config, policy_path, "causal_lm")
+  reward = _load(config, reward_path, "scalar")
   _check_vocab(policy.cfg, tokenizer, "policy")
   _check_vocab(reward.cfg, tokenizer, "reward model")
   # Critic initialised from the reward model (N implementation details of RLHF).
-  value = (models.from_pretrained(reward_path, kind="scalar", dtype=config.dtype)
-           if tcfg.critic_impl.needs_value_model else None)
+  value = (_load(config, reward_path, "scalar")
+           if config.ppo.critic_impl.needs_value_model else None)
   reward_graphdef, reward_params = nnx.split(reward)
-  gold_fn = data_lib.gold_score if config.task == "default" else None
+  gold_fn = data_lib.gold_score if config.task.name == "default" else None
   writer = MetricsWriter(paths.ppo, "metrics")
   trainer = PPOTrainer(
-      tcfg, policy, tokenizer, data_lib.load_prompts(config.prompts),
+      config.ppo, policy, tokenizer, data_lib.load_prompts(config.prompts),
       data_lib.load_prompts(config.eval_prompts) if config.eval_prompts else [],
       reward_fn=reward_model_fn(reward_graphdef), reward_params=reward_params,
       value_model=value, gold_fn=gold_fn, mesh=make_mesh(config), writer=writer,
@@ -208,14 +231,13 @@ def run_ppo(config, paths: Paths, policy_path: str, reward_path: str) -> dict:
   return final
 
 
-def run_all(config, workdir: str) -> dict:
+def run_all(config: ExperimentConfig, workdir: str) -> dict:
   """SFT -> reward model -> PPO, skipping stages whose checkpoint the config provides."""
-  ppo_trainer_config(config)  # a bad PPO setting fails here, before SFT and reward training
   paths = Paths(workdir)
   os.makedirs(workdir, exist_ok=True)
-  prepare_default_task(config, paths)
+  config = prepare_default_task(config, paths)
   policy_path = config.policy_path
-  if not policy_path or (config.sft_data and config.task != "default"):
+  if not policy_path or (config.sft_data and config.task.name != "default"):
     policy_path = run_sft(config, paths)
   reward_path = config.reward_path or run_reward(config, paths, policy_path)
   final = run_ppo(config, paths, policy_path, reward_path)

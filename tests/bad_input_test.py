@@ -83,7 +83,8 @@ CASES = [
     ("too_few_prompts", lambda t, i: {"prompts": _write(
         t / "p.jsonl", "".join(json.dumps({"prompt": "good"}) + "\n" for _ in range(3)))},
      "cannot fill one batch"),
-    ("overlong_sequences", lambda t, i: {"ppo.max_prompt_len": 12, "ppo.max_new_tokens": 8},
+    ("overlong_sequences", lambda t, i: {"ppo.max_prompt_len": 12,
+                                         "ppo.sampling.max_new_tokens": 8},
      "max_position_embeddings"),
     ("vocab_mismatch", lambda t, i: {"tokenizer_path": _tokenizer(
         t / "tok", tiny_ppo.WORDS + ["extra", "words", "here"])}, "tokens but"),
@@ -99,15 +100,22 @@ CASES = [
      "does not exist"),
     ("unknown_config_key", lambda t, i: {"ppo.bogus": 1},
      "unknown config field --config.ppo.bogus"),
+    ("unknown_nested_config_key", lambda t, i: {"ppo.policy_loss.bogus": 1},
+     "unknown config field --config.ppo.policy_loss.bogus"),
+    ("misspelt_config_section", lambda t, i: {"ppo.polcy_loss.clip_eps": 0.3},
+     "unknown config field --config.ppo.polcy_loss.clip_eps"),
+    ("unknown_key_without_config_flag", lambda t, i: {"__config": None, "model.bogus": 1},
+     "unknown config field --config.model.bogus"),
     ("unknown_variant", lambda t, i: {"__config": "experiments/configs/default.py:nosuch"},
      "unknown config variant 'nosuch'"),
-    ("unknown_policy_loss", lambda t, i: {"ppo.policy_loss": "nope"}, "nope"),
+    ("unknown_policy_loss", lambda t, i: {"ppo.policy_loss.name": "nope"}, "nope"),
     ("indivisible_minibatches", lambda t, i: {"ppo.num_minibatches": 3}, "not divisible"),
     # No policy or reward given: the bad setting must fail before SFT and reward training write.
     ("bad_decode_layout_before_sft", lambda t, i: {"policy_path": "", "reward_path": "",
-                                                   "ppo.decode_layout": "rows"},
+                                                   "ppo.sampling.decode_layout": "rows"},
      "decode_layout must be auto, token_major or feature_major, got 'rows'"),
-    ("zero_temperature", lambda t, i: {"ppo.temperature": 0.0}, "temperature must be > 0"),
+    ("zero_temperature", lambda t, i: {"ppo.sampling.temperature": 0.0},
+     "temperature must be > 0"),
     ("mesh_vs_devices", lambda t, i: {"mesh_shape": "(3,1,1)"}, "needs 3 devices, but 8 are available"),
     ("sft_example_without_completion", lambda t, i: {"sft_data": _write(
         t / "sft.jsonl", '{"prompt": "good"}\n')}, "'completion'"),
@@ -120,7 +128,7 @@ CASES = [
 
 def _argv(workdir, overrides: dict) -> list[str]:
   config = overrides.pop("__config", "experiments/configs/default.py:smoke")
-  return (["rlhf", f"--config={config}", f"--workdir={workdir}"]
+  return (["rlhf", *([f"--config={config}"] if config else []), f"--workdir={workdir}"]
           + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 

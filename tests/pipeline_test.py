@@ -1,5 +1,6 @@
 """End to end: SFT -> reward model -> PPO on the built-in task (smoke size), and the stopping rules."""
 
+import dataclasses
 import json
 import os
 
@@ -11,16 +12,23 @@ import transformers
 
 from experiments.configs import default as default_config
 from rlhf_jax import models, pipeline
+from rlhf_jax.config_tree import from_config_dict
 from rlhf_jax.metrics import read_jsonl
 
 REQUIRED_KEYS = ("step", "reward_mean", "kl", "entropy", "approx_kl", "clipfrac", "value_loss",
                  "explained_variance", "tokens_per_s")
 
 
+def smoke_config(**ppo) -> pipeline.ExperimentConfig:
+  """The smoke variant with some PPO fields replaced."""
+  config = from_config_dict(pipeline.ExperimentConfig, default_config.get_config("smoke"))
+  return dataclasses.replace(config, ppo=dataclasses.replace(config.ppo, **ppo))
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("rlhf"))
-  config = default_config.get_config("smoke")
+  config = smoke_config()
   final = pipeline.run_all(config, workdir)
   return workdir, config, final
 
@@ -57,12 +65,10 @@ def test_final_policy_loads_in_transformers_with_the_same_logits(smoke_run):
 
 def test_reward_threshold_stops_early(tmp_path, smoke_run):
   workdir, config, _ = smoke_run
-  config = default_config.get_config("smoke")
-  config.ppo.max_steps = 50
-  config.ppo.eval_every = 1
-  config.ppo.reward_threshold = -1e9   # met at the first evaluation
+  config = smoke_config(max_steps=50, eval_every=1,
+                        reward_threshold=-1e9)   # met at the first evaluation
   paths = pipeline.Paths(str(tmp_path))
-  pipeline.prepare_default_task(config, paths)
+  config = pipeline.prepare_default_task(config, paths)
   pipeline.run_ppo(config, paths, os.path.join(workdir, "sft"), os.path.join(workdir, "reward"))
   records = read_jsonl(os.path.join(tmp_path, "ppo", "metrics.jsonl"))
   assert max(r["step"] for r in records) == 1
@@ -70,11 +76,9 @@ def test_reward_threshold_stops_early(tmp_path, smoke_run):
 
 def test_max_steps_bounds_the_run(tmp_path, smoke_run):
   workdir, _, _ = smoke_run
-  config = default_config.get_config("smoke")
-  config.ppo.max_steps = 2
-  config.ppo.eval_every = 0
+  config = smoke_config(max_steps=2, eval_every=0)
   paths = pipeline.Paths(str(tmp_path))
-  pipeline.prepare_default_task(config, paths)
+  config = pipeline.prepare_default_task(config, paths)
   final = pipeline.run_ppo(config, paths, os.path.join(workdir, "sft"),
                            os.path.join(workdir, "reward"))
   records = read_jsonl(os.path.join(tmp_path, "ppo", "metrics.jsonl"))

@@ -105,9 +105,9 @@ def write_inputs(root: pathlib.Path) -> dict[str, str]:
     models.save_pretrained(cls(cfg, rngs=nnx.Rngs(seed), **kwargs), str(root / name))
     tok.save_pretrained(str(root / name))
   data.write_jsonl(str(root / "prompts.jsonl"), [{"prompt": p} for p in prompts(64)])
-  return {"task": "", "policy_path": str(root / "policy"), "reward_path": str(root / "reward"),
-          "tokenizer_path": str(root / "tok"), "prompts": str(root / "prompts.jsonl"),
-          "eval_prompts": str(root / "prompts.jsonl")}
+  return {"task.name": "", "policy_path": str(root / "policy"),
+          "reward_path": str(root / "reward"), "tokenizer_path": str(root / "tok"),
+          "prompts": str(root / "prompts.jsonl"), "eval_prompts": str(root / "prompts.jsonl")}
 
 
 def ppo_overrides(max_steps: int, **extra) -> dict[str, object]:

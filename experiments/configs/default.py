@@ -5,78 +5,74 @@
   python -m experiments.rlhf --workdir=w --config.policy_path=/ckpt/sft \
       --config.reward_path=/ckpt/rm --config.prompts=/data/prompts.jsonl   # your own models/data
 
+The config is the ConfigDict mirror of `rlhf_jax.pipeline.ExperimentConfig`: every field of its
+dataclasses is a flag under the same path (`--config.ppo.kl.init_coef=0.2`,
+`--config.ppo.sampling.temperature=0.7`, `--config.ppo.optim.learning_rate=1e-4`); the field
+docs are in those dataclasses. This file sets the default run's values on that tree.
+
 Variants: "default" (offline, 2 CPU cores, a few minutes), "smoke" (seconds; for tests),
 "grpo" (default with group-relative advantages, no critic).
 
-The built-in task (`task="default"`): a templated review/diary corpus from real English words; a
-simulated human labeler (the VADER lexicon, 7,500 human-rated words) prefers the more positive of
-two completions with Bradley-Terry noise; the reward model learns only from those pairs; the
+The built-in task (`task.name="default"`): a templated review/diary corpus from real English words;
+a simulated human labeler (the VADER lexicon, 7,500 human-rated words) prefers the more positive
+of two completions with Bradley-Terry noise; the reward model learns only from those pairs; the
 labeler's own score is logged as `gold_score`, never shown to the policy.
 """
 
 from ml_collections import config_dict
 
+from rlhf_jax.config_tree import to_config_dict
+from rlhf_jax.pipeline import ExperimentConfig
+
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   variant = arg or "default"
-  c = config_dict.ConfigDict()
-  c.seed = 0
-  # Mesh over (data, fsdp, tensor); one -1 takes the remaining devices.
+  c = to_config_dict(ExperimentConfig())
+  c.lock()   # a misspelt field below fails here, not silently as a new key
+  c.task.update(name="default", seed=0, num_sft=6000, num_pairs=10000, num_prompts=4096,
+                label_temperature=0.1)
   c.mesh_shape = (-1, 1, 1)
+  c.model.update(model_type="llama", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=32, intermediate_size=384, max_position_embeddings=64,
+                 dtype="float32")
 
-  # Data. task="default" builds the offline task into <workdir>/data; set it to "" and give paths
-  # to run on your own data (JSONL / text / parquet / datasets-on-disk).
-  c.task = "default"
-  c.prompts = ""
-  c.eval_prompts = ""
-  c.sft_data = ""
-  c.preferences = ""
-  c.use_chat_template = False
+  c.sft.update(batch_size=64, epochs=2, max_len=32, eval_fraction=0.05, seed=0)
+  c.sft.optim.update(learning_rate=3e-3, schedule="cosine", warmup_steps=20)
+  c.reward.update(batch_size=64, epochs=3, max_len=32, eval_fraction=0.1, center_coef=0.0,
+                  seed=0)
+  c.reward.optim.update(learning_rate=1e-3, schedule="cosine", warmup_steps=20)
 
-  # Models. Empty paths: the stage trains one (SFT from scratch with `model`, the reward model
-  # from the SFT policy's trunk). Given paths are local Hugging Face checkpoints.
-  c.policy_path = ""
-  c.reward_path = ""
-  c.tokenizer_path = ""   # default: the policy checkpoint's directory (or the built-in task's)
-  c.model = config_dict.ConfigDict(dict(
-      model_type="llama", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-      head_dim=32, intermediate_size=384, max_position_embeddings=64))
-  c.dtype = "float32"
-
-  c.sft = config_dict.ConfigDict(dict(
-      num_examples=6000, batch_size=64, epochs=2, max_len=32, learning_rate=3e-3,
-      warmup_steps=20, eval_fraction=0.05))
-  c.reward = config_dict.ConfigDict(dict(
-      num_pairs=10000, batch_size=64, epochs=3, max_len=32, learning_rate=1e-3,
-      warmup_steps=20, eval_fraction=0.1, center_coef=0.0,
-      label_temperature=0.1))
-  c.ppo = config_dict.ConfigDict(dict(
-      num_prompts=4096, batch_size=64, group_size=1, max_prompt_len=12, max_new_tokens=12,
-      temperature=1.0, top_k=0, top_p=1.0, decode_layout="auto", max_steps=60,
-      reward_threshold=config_dict.placeholder(float), eval_every=10, num_eval_prompts=128,
-      normalize_reward=True, missing_eos_penalty=1.0, whiten_scores=False,
-      policy_loss="ppo", clip_eps=0.2, value_loss="clipped", value_clip_eps=0.2,
-      advantage="gae", gamma=1.0, lam=0.95, critic="separate", ppo_epochs=4,
-      num_minibatches=4, vf_coef=0.1, ent_coef=0.0, whiten_advantages=True,
-      kl_estimator="k1", kl_in_reward=True, kl_coef=0.1, kl_controller="fixed",
-      kl_target=6.0, kl_horizon=10000, learning_rate=2e-4,
-      max_grad_norm=1.0, lr_schedule="constant",
-      # Checkpoints in <workdir>/ppo/checkpoints; a rerun resumes from the newest.
-      checkpoint_every=10, keep_checkpoints=3, max_nonfinite_iterations=3))
+  p = c.ppo
+  p.update(batch_size=64, group_size=1, max_prompt_len=12, max_steps=60, eval_every=10,
+           num_eval_prompts=128, normalize_reward=True, missing_eos_penalty=1.0,
+           whiten_scores=False, critic="separate", ppo_epochs=4, num_minibatches=4, vf_coef=0.1,
+           ent_coef=0.0, whiten_advantages=True, seed=0,
+           # Checkpoints in <workdir>/ppo/checkpoints; a rerun resumes from the newest.
+           checkpoint_every=10, keep_checkpoints=3, max_nonfinite_iterations=3)
+  p.sampling.update(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, decode_layout="auto")
+  p.policy_loss.update(name="ppo", clip_eps=0.2)
+  p.value_loss.update(name="clipped", clip_eps=0.2)
+  p.advantage.update(estimator="gae", gamma=1.0, lam=0.95)
+  p.kl.update(estimator="k1", in_reward=True, init_coef=0.1, controller="fixed", target=6.0,
+              horizon=10000)
+  # total_steps stays unset: the schedule spans the run (max_steps x ppo_epochs x minibatches).
+  p.optim.update(learning_rate=2e-4, schedule="constant", max_grad_norm=1.0)
 
   if variant == "default":
     pass
   elif variant == "smoke":
+    c.task.update(num_sft=256, num_pairs=256, num_prompts=128)
     c.model.update(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                    intermediate_size=64)
-    c.sft.update(num_examples=256, epochs=1, batch_size=32)
-    c.reward.update(num_pairs=256, epochs=1, batch_size=32)
-    c.ppo.update(num_prompts=128, batch_size=16, max_steps=3, eval_every=2, num_eval_prompts=16,
-                 num_minibatches=2)
+    c.sft.update(epochs=1, batch_size=32)
+    c.reward.update(epochs=1, batch_size=32)
+    p.update(batch_size=16, max_steps=3, eval_every=2, num_eval_prompts=16, num_minibatches=2)
   elif variant == "grpo":
-    c.ppo.update(group_size=4, batch_size=16, advantage="grpo", critic="none",
-                 policy_loss="grpo", whiten_advantages=False, kl_in_reward=False,
-                 kl_estimator="k3", num_minibatches=4)
+    p.update(group_size=4, batch_size=16, critic="none", whiten_advantages=False,
+             num_minibatches=4)
+    p.advantage.estimator = "grpo"
+    p.policy_loss.name = "grpo"
+    p.kl.update(in_reward=False, estimator="k3")
   else:
     raise ValueError(f"unknown config variant {variant!r} (default, smoke, grpo)")
   return c

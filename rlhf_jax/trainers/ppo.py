@@ -55,6 +55,9 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
     keep_checkpoints: Newest checkpoints kept.
     max_nonfinite_iterations: Stop after this many consecutive iterations with a non-finite
       reward or skipped non-finite minibatch steps.
+    frozen_param_dtype: Store the frozen reference and reward weights in this dtype (e.g.
+      "bfloat16": half their memory; they compute in the models' compute dtype either way);
+      None: as loaded. The trained policy and critic keep their master dtype.
     optim: Optimizer of policy and critic; its total_steps counts minibatch steps and defaults
       to the run's (max_steps x ppo_epochs x num_minibatches).
   """
@@ -72,10 +75,16 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
   checkpoint_every: int = 10
   keep_checkpoints: int = 3
   max_nonfinite_iterations: int = 3
+  frozen_param_dtype: str | None = None
   optim: OptimConfig = OptimConfig()
 
   def __post_init__(self):
     super().__post_init__()
+    if self.frozen_param_dtype is not None:
+      try:
+        jnp.dtype(self.frozen_param_dtype)
+      except TypeError:
+        raise ValueError(f"frozen_param_dtype {self.frozen_param_dtype!r} is not a dtype") from None
     if (self.batch_size * self.group_size) % self.num_minibatches:
       raise ValueError(f"batch_size*group_size={self.batch_size * self.group_size} is not "
                        f"divisible by num_minibatches={self.num_minibatches}")
@@ -174,15 +183,27 @@ class PPOTrainer:
     state = ppo_lib.init_train_state(self.algo, policy, make_optimizer(self.cfg.optimizer),
                                      jax.random.key(self.cfg.seed), value_model)
     # Copies: the state's buffers are donated to every update, the frozen models' never are.
-    self.ref_params = sharding_lib.put(jax.tree.map(jnp.copy, ref_params),
+    self.ref_params = sharding_lib.put(self._frozen(ref_params),
                                        sharding_lib.param_shardings(ref_params, self.mesh))
-    self.reward_params = reward_params if reward_params is None else sharding_lib.put(
-        reward_params, sharding_lib.param_shardings(reward_params, self.mesh)
-        if isinstance(reward_params, nnx.State) else sharding_lib.replicated(self.mesh))
+    if isinstance(reward_params, nnx.State):   # a reward model
+      reward_params = sharding_lib.put(self._frozen(reward_params),
+                                       sharding_lib.param_shardings(reward_params, self.mesh))
+    elif reward_params is not None:            # a rule's own pytree, left as it is
+      reward_params = sharding_lib.put(reward_params, sharding_lib.replicated(self.mesh))
+    self.reward_params = reward_params
     self.state_shardings = ppo_lib.train_state_shardings(state, self.mesh)
     self.state = sharding_lib.put(state, self.state_shardings)
     # Replicated like the calibrated and the restored norms, so collect compiles once per run.
     self.reward_norm = self._replicated(RewardNorm.identity())
+
+  def _frozen(self, params):
+    """A copy of frozen weights, floating-point leaves in `frozen_param_dtype` when set."""
+    dtype = self.cfg.frozen_param_dtype
+    def cast(x):
+      if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.asarray(x, dtype)
+      return jnp.copy(x)
+    return jax.tree.map(cast, params)
 
   def _run_collect(self, ids, mask, key, reward_norm=None) -> tuple[Any, dict[str, jax.Array]]:
     return self._collect(self.state, ids, mask, key, ref_params=self.ref_params,
