@@ -6,6 +6,7 @@ reward-hacking monitor and the samples table that both the trainer and the pipel
 """
 
 import dataclasses
+import importlib
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -49,6 +50,23 @@ def gold_scores(gold_fn: Callable[[str], float], texts: Sequence[str]) -> np.nda
   """[len(texts)] float64 scores of a judge the policy never sees (the "gold" reward of Gao et
   al. 2023, "Scaling Laws for Reward Model Overoptimization"): gold_fn(text_i)."""
   return np.array([gold_fn(t) for t in texts], np.float64)
+
+
+def load_gold_judge(spec: str) -> Callable[[str], float]:
+  """The text -> score function named by "package.module:function" (e.g. a held-out reward
+  model or a rule-based judge of your task), imported so a config string can pick it.
+
+  Raises:
+    ValueError: `spec` is not "module:function", or the module lacks the function, or it is not
+      callable. ImportError from the module propagates.
+  """
+  module_name, sep, name = spec.partition(":")
+  if not sep or not module_name or not name:
+    raise ValueError(f"gold judge {spec!r} must be 'package.module:function'")
+  fn = getattr(importlib.import_module(module_name), name, None)
+  if not callable(fn):
+    raise ValueError(f"gold judge {spec!r}: {module_name} has no callable {name!r}")
+  return fn
 
 
 def eval_metrics(raw: np.ndarray, ref_raw: np.ndarray, device_metrics: Mapping[str, Any],

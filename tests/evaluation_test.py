@@ -59,6 +59,15 @@ def test_gold_scores_judge_each_text():
   assert got.dtype == np.float64 and got.tolist() == [2.0, 4.0, 0.0]
 
 
+def test_load_gold_judge_imports_module_function():
+  assert evaluation.load_gold_judge("rlhf_jax.data:gold_score") is data.gold_score
+  for spec, match in [("rlhf_jax.data", "must be"), (":gold_score", "must be"),
+                      ("rlhf_jax.data:nothing", "no callable"),
+                      ("rlhf_jax.data.synthetic:PAD_TOKEN", "no callable")]:
+    with pytest.raises(ValueError, match=match):
+      evaluation.load_gold_judge(spec)
+
+
 def test_eval_metrics_assembles_the_eval_record():
   raw, ref_raw = np.array([1.0, 2.0], np.float32), np.array([1.0, 0.0], np.float32)
   m = {"kl": np.float32(0.25), "response_length": np.float32(3.0), "eos_rate": np.float32(0.5)}

@@ -11,62 +11,53 @@ from flax import nnx
 
 from experiments.configs import default as default_config
 from rlhf_jax import data, models, pipeline, sharding
+from rlhf_jax.config_tree import from_config_dict
 from rlhf_jax.metrics import MetricsWriter, read_jsonl
 from rlhf_jax.optim import OptimConfig
 from rlhf_jax.rollout import SamplingConfig
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 
 
-def _shrunk_config():
-  """The default task on a quarter of the data and 32 prompts per PPO iteration."""
-  c = default_config.get_config()
-  c.sft.update(num_examples=SHRUNK["sft"], epochs=2)
-  c.reward.update(num_pairs=SHRUNK["pairs"], epochs=2)
-  c.ppo.update(num_prompts=512, batch_size=32, max_prompt_len=10, max_new_tokens=10,
-               num_minibatches=2, eval_every=SHRUNK["eval_every"], num_eval_prompts=64,
-               max_steps=SHRUNK["steps"], checkpoint_every=0)
-  return c
-
-
-SHRUNK = dict(sft=3000, pairs=3000, eval_every=5, steps=30)
+def _shrunk_config(variant: str = "default") -> pipeline.ExperimentConfig:
+  """The variant on half the default task's data, 32 prompts per PPO iteration, 30 iterations."""
+  c = default_config.get_config(variant)
+  c.task.update(num_sft=3000, num_pairs=3000, num_prompts=512)
+  c.sft.epochs = c.reward.epochs = 2
+  c.ppo.update(batch_size=32, max_prompt_len=10, num_minibatches=2, eval_every=5,
+               num_eval_prompts=64, max_steps=30, checkpoint_every=0)
+  c.ppo.sampling.max_new_tokens = 10   # the longest completion and its EOS
+  return from_config_dict(pipeline.ExperimentConfig, c)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-  """The SFT policy and the reward model of the shrunk task, trained once."""
-  workdir = str(tmp_path_factory.mktemp("base"))
-  config, paths = _shrunk_config(), pipeline.Paths(workdir)
-  pipeline.prepare_default_task(config, paths)
+  """The shrunk task's SFT policy and reward model, trained once (the variants share them)."""
+  paths = pipeline.Paths(str(tmp_path_factory.mktemp("base")))
+  config = pipeline.prepare_default_task(_shrunk_config(), paths)
   policy = pipeline.run_sft(config, paths)
   return policy, pipeline.run_reward(config, paths, policy)
 
 
-def _ppo(tmp_path, base, **overrides) -> list[dict]:
-  config, paths = _shrunk_config(), pipeline.Paths(str(tmp_path))
-  config.ppo.update(**overrides)
-  pipeline.prepare_default_task(config, paths)
-  pipeline.run_ppo(config, paths, *base)
-  return [r for r in read_jsonl(os.path.join(paths.ppo, "metrics.jsonl")) if "gold_score" in r
-          and "eval_reward" in r]
+def _evaluations(tmp_path, base, variant: str) -> list[dict]:
+  paths = pipeline.Paths(str(tmp_path))
+  pipeline.run_ppo(pipeline.prepare_default_task(_shrunk_config(variant), paths), paths, *base)
+  return [r for r in read_jsonl(os.path.join(paths.ppo, "metrics.jsonl"))
+          if "gold_score" in r and "reward_mean" in r]
 
 
-def test_without_kl_the_policy_hacks_the_reward_model_and_the_monitor_fires(tmp_path, base):
-  evals = _ppo(tmp_path, base, kl_coef=0.0, learning_rate=HACKING_LR)
-  gold = [e["gold_score"] for e in evals]
+def test_without_kl_the_policy_games_the_reward_model_and_the_monitor_fires(tmp_path, base):
+  evals = _evaluations(tmp_path, base, "hacking")
+  gold = [evals[0]["ref_gold_score"]] + [e["gold_score"] for e in evals]
   assert any(e["reward_hacking"] for e in evals), evals
-  assert gold[-1] < max(gold) - 0.3
-  assert evals[-1]["eval_reward"] > evals[0]["eval_reward"]
-  assert evals[-1]["eval_distinct_2"] < 0.5 * evals[-1]["eval_ref_distinct_2"]
+  assert gold[-1] < max(gold) - 0.5
+  assert evals[-1]["eval_reward"] > evals[-1]["eval_ref_reward"] + 1.0
 
 
 def test_with_kl_the_gold_score_rises_and_the_monitor_stays_quiet(tmp_path, base):
-  evals = _ppo(tmp_path, base)
+  evals = _evaluations(tmp_path, base, "default")
   assert not any(e["reward_hacking"] for e in evals), evals
   assert evals[-1]["gold_score"] > evals[-1]["ref_gold_score"] + 0.2
   assert evals[-1]["eval_win_rate"] > 0.7
-
-
-HACKING_LR = 1e-3
 
 
 def test_stop_on_hacking_ends_the_run_at_the_first_firing(tmp_path):
