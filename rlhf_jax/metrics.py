@@ -98,9 +98,9 @@ def _points(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
   return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
 
 
-def _draw_panel(ax, records: list[dict[str, Any]], panel: Panel, flag_key: str | None) -> None:
+def _draw_panel(ax, records: list[dict[str, Any]], panel: Panel, flag_key: str | None) -> list:
   """One key on `ax`, or two on twin y-axes (left, right) in distinct colours; vertical red lines
-  at the steps where `flag_key` is truthy."""
+  at the steps where `flag_key` is truthy. Returns the y-axes, one per key."""
   keys = (panel,) if isinstance(panel, str) else panel
   axes = [ax] + [ax.twinx() for _ in keys[1:]]
   for i, (a, key) in enumerate(zip(axes, keys)):
@@ -121,6 +121,7 @@ def _draw_panel(ax, records: list[dict[str, Any]], panel: Panel, flag_key: str |
   ax.set_title(" / ".join(keys))
   ax.set_xlabel("step")
   ax.grid(alpha=0.3)
+  return axes
 
 
 def _save(fig, out_png: str, title: str) -> str:
@@ -160,16 +161,22 @@ def plot_curves(records: Iterable[dict[str, Any]], panels: list[Panel], out_png:
 def plot_runs(runs: dict[str, list[dict[str, Any]]], panel: Panel, out_png: str,
               title: str = "", flag_key: str | None = None) -> str:
   """The same panel for several runs side by side, one column per run titled by its name (e.g.
-  the default run and the `hacking` variant's reward-model and gold scores). Returns the path."""
+  the default run and the `hacking` variant's reward-model and gold scores), each key on the same
+  y-range in every column so the runs compare at a glance. Returns the path."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   if not runs:
     raise ValueError("plot_runs needs at least one run")
   fig, axes = plt.subplots(1, len(runs), figsize=(5.0 * len(runs), 3.4), squeeze=False)
+  drawn = []
   for ax, (name, records) in zip(axes.flat, runs.items()):
-    _draw_panel(ax, list(records), panel, flag_key)
+    drawn.append(_draw_panel(ax, list(records), panel, flag_key))
     ax.set_title(name)
+  for same_key in zip(*drawn):
+    limits = [a.get_ylim() for a in same_key]
+    for a in same_key:
+      a.set_ylim(min(lo for lo, _ in limits), max(hi for _, hi in limits))
   out = _save(fig, out_png, title)
   plt.close(fig)
   return out
