@@ -132,11 +132,11 @@ def reward_hacking(history: Sequence[Mapping[str, Any]], *, gold_z: float = 3.0,
   best being the highest gold score so far, the reference's included (the policy starts as the
   reference, so a policy that games the reward model before the first evaluation still drops
   from there), proxy the reward-model score ("eval_reward"; the reference's "eval_ref_reward"),
-  se their standard errors (the keys + "_se", see `eval_metrics`) and z = `gold_z`. This is the overoptimisation
-  of Gao et al. 2023: past a point the proxy keeps its gains (or grows) while the true reward
-  turns down. Margins in standard errors hold for any judge's and reward model's scale; a proxy
-  that is saturated and noisy cannot hide the divergence, and a policy that gets worse on both
-  is not hacking its reward model.
+  se their standard errors (the keys + "_se", see `eval_metrics`) and z = `gold_z`. This is
+  the overoptimisation of Gao et al. 2023: past a point the proxy keeps its gains (or grows)
+  while the true reward turns down. Margins in standard errors hold for any judge's and reward
+  model's scale; a proxy that is saturated and noisy cannot hide the divergence, and a policy
+  that gets worse on both is not hacking its reward model.
 
   Supporting signals, reported either way: the KL to the reference per completion token above
   `max_kl_per_token` ("eval_kl" / "eval_response_length"), and distinct-2 below

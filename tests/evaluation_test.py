@@ -118,10 +118,10 @@ def test_monitor_fires_when_gold_falls_from_its_best_and_the_proxy_holds():
   assert verdict.signals == pytest.approx({
       "hacking_kl_alarm": 0, "hacking_diversity_alarm": 0, "hacking_gold_drop": 0.3,
       "hacking_gold_margin": 3 * np.hypot(0.01, 0.01)})
-  assert verdict.reason.startswith("gold score 0.200, 0.300 below its best 0.500 (at "
-                                   "evaluation 2 of 4; a drop of more than 0.042 = 3 standard errors counts), "
-                                   "reward-model score 1.900 held from 2.000 there (by 0.212 at "
-                                   "most); KL 0.10 nats/token")
+  assert verdict.reason.startswith(
+      "gold score 0.200, 0.300 below its best 0.500 (at evaluation 2 of 4; a drop of more than "
+      "0.042 = 3 standard errors counts), reward-model score 1.900 held from 2.000 there (by "
+      "0.212 at most); KL 0.10 nats/token")
   assert hist == before   # nothing added, nothing changed
   assert evaluation.reward_hacking(tuple(hist)).flag
 

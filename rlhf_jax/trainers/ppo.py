@@ -2,8 +2,8 @@
 
 Each iteration: a batch of prompts -> completions -> scores and per-token rewards -> one PPO phase.
 Two jitted programs do all the work (collect = rollout + critic + score; update = ppo_update with the
-state donated); the host only feeds prompts and reads back metrics. Stops at `max_steps`, when the
-evaluated reward-model score reaches `reward_threshold`, or (with `stop_on_hacking`) when the
+state donated); the host only feeds prompts and reads back metrics. Stops at `max_steps`, once the
+evaluated reward-model score reaches `reward_threshold`, or (with `stop_on_hacking`) once the
 reward-hacking monitor fires.
 """
 
