@@ -50,14 +50,18 @@ def test_without_kl_the_policy_games_the_reward_model_and_the_monitor_fires(tmp_
   evals = _evaluations(tmp_path, base, "hacking")
   gold = [evals[0]["ref_gold_score"]] + [e["gold_score"] for e in evals]
   assert any(e["reward_hacking"] for e in evals), evals
-  assert gold[-1] < max(gold) - 0.5
+  assert gold[-1] < max(gold) - 0.5   # seen: -1.00, the reference's -0.01
   assert evals[-1]["eval_reward"] > evals[-1]["eval_ref_reward"] + 1.0
 
 
 def test_with_kl_the_gold_score_rises_and_the_monitor_stays_quiet(tmp_path, base):
   evals = _evaluations(tmp_path, base, "default")
+  gold = [e["gold_score"] for e in evals]
   assert not any(e["reward_hacking"] for e in evals), evals
-  assert evals[-1]["gold_score"] > evals[-1]["ref_gold_score"] + 0.2
+  # Gold means over 64 prompts move by ~0.1 between evaluations: compare the last three with the
+  # reference's over the run (seen: 0.19 against -0.07), and the end with the start.
+  assert np.mean(gold[-3:]) > np.mean([e["ref_gold_score"] for e in evals]) + 0.15
+  assert gold[-1] > gold[0]
   assert evals[-1]["eval_win_rate"] > 0.7
 
 
