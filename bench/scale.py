@@ -40,8 +40,9 @@ from rlhf_jax import ppo as ppo_lib  # noqa: E402
 from rlhf_jax import sharding as sharding_lib  # noqa: E402
 from rlhf_jax.models import CausalLM, DecoderConfig, ScalarModel  # noqa: E402
 from rlhf_jax.optim import OptimConfig, make_optimizer  # noqa: E402
-from rlhf_jax.rollout import SamplingConfig, rollout  # noqa: E402
-from rlhf_jax.score import RewardNorm, ScoreConfig, reward_model_fn, score  # noqa: E402
+from rlhf_jax.collect import collect  # noqa: E402
+from rlhf_jax.rollout import SamplingConfig  # noqa: E402
+from rlhf_jax.score import RewardNorm, reward_model_fn  # noqa: E402
 from rlhf_jax.trainers import reward as reward_lib  # noqa: E402
 from rlhf_jax.trainers import sft as sft_lib  # noqa: E402
 from rlhf_jax.trainers.supervised import make_train_step  # noqa: E402
@@ -124,19 +125,13 @@ def param_bytes(state) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
-def make_collect(ppo_cfg, sampling, ref_graphdef, reward_fn):
-  """The collect program, composed as the PPO trainer's `_collect_impl` does: rollout, critic
-  values, score. The one place to switch to `rlhf_jax.collect.collect` once it exists."""
-  score_cfg = ScoreConfig(eos_token_id=sampling.eos_token_id, temperature=sampling.temperature,
-                          kl=ppo_cfg.kl)
-
-  def collect(state, ref_params, reward_params, reward_norm, ids, mask, key):
-    ro = rollout(state.policy_graphdef, state.params["policy"], ids, mask, key, sampling)
-    values = ppo_lib.critic_values(ppo_cfg, state, ro)
-    return score(score_cfg, ro, ref_graphdef=ref_graphdef, ref_params=ref_params,
-                 reward_fn=reward_fn, reward_params=reward_params, kl_coef=state.kl.coef,
-                 reward_norm=reward_norm, values=values)
-  return collect
+def make_collect(ppo_cfg, ref_graphdef, reward_fn):
+  """The trainer's collect program (`rlhf_jax.collect.collect`), its arguments positional."""
+  def program(state, ref_params, reward_params, reward_norm, ids, mask, key):
+    return collect(ppo_cfg, state, ids, mask, key, ref_graphdef=ref_graphdef,
+                   ref_params=ref_params, reward_fn=reward_fn, reward_params=reward_params,
+                   reward_norm=reward_norm)
+  return program
 
 
 def _fsdp_share(mesh) -> float:
@@ -149,7 +144,10 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
   """The PPO trainer's `update` (policy + separate critic, fp32 weights and Adam state, state
   donated) and `collect` (rollout, critic values, score with the frozen reference and reward
   model in `frozen_cfg`'s dtypes)."""
-  ppo_cfg = ppo_lib.PPOConfig(num_minibatches=work.num_minibatches, ppo_epochs=work.ppo_epochs,
+  b, p, n = work.batch, work.prompt_len, work.response_len
+  sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD)
+  ppo_cfg = ppo_lib.PPOConfig(sampling=sampling, num_minibatches=work.num_minibatches,
+                              ppo_epochs=work.ppo_epochs,
                               kl=kl_lib.KLConfig(estimator="k1", in_reward=True))
   tx = make_optimizer(OptimConfig())
   state = jax.eval_shape(lambda: ppo_lib.init_train_state(
@@ -159,17 +157,14 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
   state = _sharded(state, state_sh)
   ref_graphdef, ref_params = _frozen(CausalLM, frozen_cfg, mesh, 2)
   reward_graphdef, reward_params = _frozen(ScalarModel, frozen_cfg, mesh, 3)
-  b, p, n = work.batch, work.prompt_len, work.response_len
-  sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD,
-                            decode_layout="token_major")
-  collect = jax.jit(make_collect(ppo_cfg, sampling, ref_graphdef, reward_model_fn(reward_graphdef)))
+  collect_program = jax.jit(make_collect(ppo_cfg, ref_graphdef, reward_model_fn(reward_graphdef)))
   rep = sharding_lib.replicated(mesh)
   ids = _rows(jax.ShapeDtypeStruct((b, p), jnp.int32), mesh)
   norm = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                       jax.eval_shape(RewardNorm.identity))
   collect_args = (state, ref_params, reward_params, norm, ids, ids,
                   jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep))
-  scored = _rows(jax.eval_shape(collect, *collect_args)[0], mesh)
+  scored = _rows(jax.eval_shape(collect_program, *collect_args)[0], mesh)
   update = jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                    out_shardings=(state_sh, None))
   policy, value = param_bytes(state.params["policy"]), param_bytes(state.params["value"])
@@ -181,7 +176,7 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
       "update": Program(update, (ppo_cfg, state, scored),
                         3 * steps * (policy + value) * _fsdp_share(mesh),
                         (b // work.num_minibatches, b)),
-      "collect": Program(collect, collect_args, collect_ideal * _fsdp_share(mesh), (b,), n - 1),
+      "collect": Program(collect_program, collect_args, collect_ideal * _fsdp_share(mesh), (b,), n - 1),
   }
 
 
@@ -233,9 +228,10 @@ def run(args) -> list[dict]:
   results = []
   for name in wanted:
     prog = programs[name]
-    res = measure(prog.fn, *prog.args, num_devices=mesh.size, batch_sizes=prog.rows,
-                  flat_sizes=[b * t for b in prog.rows for t in lengths],
-                  unknown_trip_count=prog.loop_bound)
+    with jax.set_mesh(mesh):   # as the trainers trace: the activation constraints apply
+      res = measure(prog.fn, *prog.args, num_devices=mesh.size, batch_sizes=prog.rows,
+                    flat_sizes=[b * t for b in prog.rows for t in lengths],
+                    unknown_trip_count=prog.loop_bound)
     res.update(program=name, model=args.model, layers=cfg.num_layers, mesh=shape,
                workload=dataclasses.asdict(work), ideal_fsdp_wire_bytes=prog.ideal_wire_bytes)
     report(res)

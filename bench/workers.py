@@ -29,7 +29,8 @@ from rlhf_jax import models
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax.advantages import AdvantageConfig
 from rlhf_jax.collect import collect
-from rlhf_jax.losses import PolicyLossConfig, ValueLossConfig, token_logprobs
+from rlhf_jax.logprobs import token_logprobs
+from rlhf_jax.losses import PolicyLossConfig, ValueLossConfig
 from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.rollout import SamplingConfig, rollout
 from rlhf_jax.score import reward_model_fn

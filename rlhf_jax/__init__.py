@@ -4,6 +4,7 @@ One iteration is `collect` (= `rollout` -> critic values -> `score`) then `ppo_u
 config dataclasses say everything each of them reads.
 """
 
+from rlhf_jax import policy_losses  # noqa: F401  (registers gspo, dr_grpo, dapo, cispo, ...)
 from rlhf_jax.advantages import AdvantageConfig
 from rlhf_jax.collect import collect
 from rlhf_jax.kl import KLConfig

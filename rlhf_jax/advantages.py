@@ -4,8 +4,9 @@ All estimators take `AdvantageInputs` with arrays of shape [B, T] (B completions
 tokens, mask 1 = valid token) and return `(advantages, returns)`, both [B, T] float32 and zero at
 masked positions. `returns` is the regression target of a value function where there is one.
 
-Group-relative estimators (GRPO, RLOO, REINFORCE++-baseline) assume rows are grouped consecutively:
-rows [g*G:(g+1)*G] are the G = `group_size` completions of prompt g.
+Group-relative estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline) assume rows are grouped
+consecutively: rows [g*G:(g+1)*G] are the G = `group_size` completions of prompt g. ReMax instead
+reads a per-row baseline return (`AdvantageInputs.baselines`, the greedy completion's).
 
 Whitening of advantages for PPO is left to the caller (`rlhf_jax.masked.masked_whiten`), so it can
 happen over the whole batch or per minibatch.
@@ -66,12 +67,16 @@ class AdvantageInputs:
     mask: [B, T] float32 or bool, 1 = valid completion token.
     group_size: Completions per prompt G (static), a property of the batch's layout: rows
       [g*G:(g+1)*G] are the completions of prompt g. Must divide B.
+    baselines: Optional [B] float32 baseline return b_i per row, computed like R_i = sum_t r_t
+      (same reward, same shaping) on another completion of row i's prompt; "remax" needs it
+      (the greedy completion's return), the other estimators ignore it.
   """
 
   token_rewards: jax.Array
   values: jax.Array | None
   mask: jax.Array
   group_size: int = flax.struct.field(pytree_node=False, default=1)
+  baselines: jax.Array | None = None
 
 
 AdvantageEstimator = Callable[[AdvantageConfig, AdvantageInputs], tuple[jax.Array, jax.Array]]
@@ -183,6 +188,38 @@ def grpo_estimator(cfg: AdvantageConfig, inputs: AdvantageInputs) -> tuple[jax.A
   return adv, adv
 
 
+@register_advantage_estimator("dr_grpo")
+def dr_grpo_estimator(cfg: AdvantageConfig,
+                      inputs: AdvantageInputs) -> tuple[jax.Array, jax.Array]:
+  """Dr. GRPO's advantage (Liu et al. 2025, "Understanding R1-Zero-Like Training",
+  arXiv:2503.20783): GRPO's without the std division, which up-weights prompts whose rewards vary
+  little (too easy or too hard ones).
+
+  A_i = R_i - mean_group(R) for every valid token of completion i. returns = advantages.
+  """
+  returns = _grouped_returns(cfg, inputs)
+  adv = _broadcast_to_tokens(returns - jnp.mean(returns, axis=1, keepdims=True), inputs.mask)
+  return adv, adv
+
+
+@register_advantage_estimator("remax")
+def remax_estimator(cfg: AdvantageConfig,
+                    inputs: AdvantageInputs) -> tuple[jax.Array, jax.Array]:
+  """ReMax (Li et al. 2023, arXiv:2310.10505): REINFORCE with the greedy completion's reward as
+  the baseline.
+
+  A_i = R_i - b_i for every valid token of completion i, with R_i the undiscounted sequence return
+  and b_i = `inputs.baselines[i]` the return of the greedy completion of the same prompt (the
+  caller decodes and scores it; it is not a row of the batch). returns = advantages.
+  """
+  if inputs.baselines is None:
+    raise ValueError(f"advantage estimator {cfg.estimator!r} needs AdvantageInputs.baselines (the "
+                     "greedy completion's return for each row's prompt)")
+  returns = masked_sum(inputs.token_rewards, inputs.mask, axis=1)
+  adv = _broadcast_to_tokens(returns - inputs.baselines.astype(jnp.float32), inputs.mask)
+  return adv, adv
+
+
 @register_advantage_estimator("rloo")
 def rloo_estimator(cfg: AdvantageConfig, inputs: AdvantageInputs) -> tuple[jax.Array, jax.Array]:
   """REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740).
@@ -227,7 +264,7 @@ def compute_advantages(cfg: AdvantageConfig,
 
   Args:
     cfg: Static config (hashable; pass as a static argument under jit).
-    inputs: Rewards, optional values and mask, [B, T].
+    inputs: Rewards, optional values and mask, [B, T]; optional baselines, [B].
 
   Returns:
     (advantages, returns), [B, T] float32, zero at masked positions.
@@ -240,6 +277,8 @@ def compute_advantages(cfg: AdvantageConfig,
   chex.assert_equal_shape([inputs.token_rewards, inputs.mask])
   if inputs.values is not None:
     chex.assert_equal_shape([inputs.token_rewards, inputs.values])
+  if inputs.baselines is not None:
+    chex.assert_shape(inputs.baselines, inputs.token_rewards.shape[:1])
   estimator = ADVANTAGE_ESTIMATORS.get(cfg.estimator)
   if inputs.group_size < 1:
     raise ValueError(f"group_size must be >= 1, got {inputs.group_size}")

@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 # checkpoint cadence); every other field must match, or the checkpoint belongs to another run.
 RESUMABLE_FIELDS = ("max_steps", "reward_threshold", "eval_every", "num_eval_prompts",
                     "num_samples_logged", "log_every_s", "checkpoint_every", "keep_checkpoints",
-                    "max_nonfinite_iterations", "optim.total_steps", "sampling.decode_layout")
+                    "max_nonfinite_iterations", "optim.total_steps")
 
 
 class _QuietOrbax(std_logging.Filter):

@@ -1,4 +1,4 @@
-"""Policy and value losses for padded completions, and per-token log-probabilities / entropy.
+"""Policy, value, SFT and Bradley-Terry losses for padded completions.
 
 Inputs are [B, T] arrays with a mask (1 = valid completion token); everything is computed in
 float32 whatever the input dtype, and masked positions never influence a result or a gradient.
@@ -11,6 +11,18 @@ Losses are registered by name and picked by a config string (as in tunix). Unifo
             -> (loss scalar, aux dict with at least "vf_clipfrac")
 
 A fork adds one with `@register_policy_loss("name")` / `@register_value_loss("name")`.
+
+Each loss also declares its normalizer, the count of the batch it divides by, so that
+`ppo_update` can split a minibatch into microbatches (`PPOConfig.micro_batch_size`) exactly:
+
+  "token":    valid tokens (a token-level mean; the default),
+  "sequence": rows with at least one valid token (a mean over sequences, as grpo),
+  "row":      all rows (a mean over rows, or a sum divided by a constant per row).
+
+A loss of the form sum_{i in batch} f_i / n, with n its normalizer's count and f_i the terms of
+one token or row, is recovered from microbatches k by sum_k (n_k / n) loss_k: each microbatch's
+loss, computed as the function sees it, is scaled by its share n_k / n of the minibatch's count
+(`normalizer_counts`). Aux metrics are token-level means and are combined with the token share.
 """
 
 import dataclasses
@@ -20,6 +32,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.logprobs import token_logprobs
 from rlhf_jax.masked import masked_mean
 from rlhf_jax.registry import Registry
 
@@ -36,12 +49,20 @@ class PolicyLossConfig:
     clip_eps_high: Upper clip range: ratio <= 1 + clip_eps_high; None means clip_eps (DAPO,
       Yu et al. 2025, decouples the two).
     dual_clip_c: Bound c > 1 of dual-clip PPO on the loss of negative-advantage tokens.
+    log_clip_eps: Clip range of "gmpo" in log-ratio space: log r in [-log_clip_eps,
+      log_clip_eps] on the side the advantage's sign makes binding (0.4 in the GMPO paper).
+    sapo_tau_pos: Temperature of the "sapo" gate for tokens with A > 0 (1.0 in the SAPO paper).
+    sapo_tau_neg: Temperature of the "sapo" gate for tokens with A <= 0 (1.05 in the SAPO paper;
+      larger decays faster).
   """
 
   name: str = "ppo"
   clip_eps: float = 0.2
   clip_eps_high: float | None = None
   dual_clip_c: float = 3.0
+  log_clip_eps: float = 0.4
+  sapo_tau_pos: float = 1.0
+  sapo_tau_neg: float = 1.05
 
   def __post_init__(self):
     if self.clip_eps < 0:
@@ -50,6 +71,12 @@ class PolicyLossConfig:
       raise ValueError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
     if self.dual_clip_c <= 1:
       raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
+    if self.log_clip_eps < 0:
+      raise ValueError(f"log_clip_eps must be >= 0, got {self.log_clip_eps}")
+    if self.sapo_tau_pos <= 0:
+      raise ValueError(f"sapo_tau_pos must be > 0, got {self.sapo_tau_pos}")
+    if self.sapo_tau_neg <= 0:
+      raise ValueError(f"sapo_tau_neg must be > 0, got {self.sapo_tau_neg}")
 
   @property
   def eps_high(self) -> float:
@@ -81,15 +108,49 @@ ValueLoss = Callable[[ValueLossConfig, jax.Array, jax.Array, jax.Array, jax.Arra
 POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
 VALUE_LOSSES: Registry[ValueLoss] = Registry("value loss")
 
+NORMALIZERS = ("token", "sequence", "row")
+# (registry kind, loss name) -> normalizer; a loss registered on the Registry directly is "token".
+_NORMALIZER_OF: dict[tuple[str, str], str] = {}
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-  """Decorator registering `fn(cfg, logprobs, old_logprobs, advantages, mask)` under `name`."""
-  return POLICY_LOSSES.register(name)
+
+def _register(registry: Registry, name: str, normalizer: str) -> Callable:
+  if normalizer not in NORMALIZERS:
+    raise ValueError(f"normalizer must be one of {NORMALIZERS}, got {normalizer!r}")
+  register = registry.register(name)
+
+  def decorator(fn):
+    fn = register(fn)
+    _NORMALIZER_OF[(registry.kind, name)] = normalizer
+    return fn
+  return decorator
 
 
-def register_value_loss(name: str) -> Callable[[ValueLoss], ValueLoss]:
-  """Decorator registering `fn(cfg, values, old_values, returns, mask)` under `name`."""
-  return VALUE_LOSSES.register(name)
+def register_policy_loss(name: str,
+                         normalizer: str = "token") -> Callable[[PolicyLoss], PolicyLoss]:
+  """Decorator registering `fn(cfg, logprobs, old_logprobs, advantages, mask)` under `name`,
+  dividing by the `normalizer` count (one of `NORMALIZERS`, see the module docstring)."""
+  return _register(POLICY_LOSSES, name, normalizer)
+
+
+def register_value_loss(name: str, normalizer: str = "token") -> Callable[[ValueLoss], ValueLoss]:
+  """Decorator registering `fn(cfg, values, old_values, returns, mask)` under `name`, dividing
+  by the `normalizer` count (one of `NORMALIZERS`, see the module docstring)."""
+  return _register(VALUE_LOSSES, name, normalizer)
+
+
+def loss_normalizer(registry: Registry, name: str) -> str:
+  """The normalizer the loss `name` of `registry` (POLICY_LOSSES or VALUE_LOSSES) declared."""
+  registry.get(name)
+  return _NORMALIZER_OF.get((registry.kind, name), "token")
+
+
+def normalizer_counts(mask: jax.Array) -> dict[str, jax.Array]:
+  """The float32 count each of `NORMALIZERS` divides by, on a [B, T] mask (1 = valid token)."""
+  chex.assert_rank(mask, 2)
+  valid = mask.astype(bool)
+  return {"token": jnp.sum(valid, dtype=jnp.float32),
+          "sequence": jnp.sum(jnp.any(valid, axis=1), dtype=jnp.float32),
+          "row": jnp.asarray(mask.shape[0], jnp.float32)}
 
 
 def _check_and_cast(*arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -113,6 +174,11 @@ def _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask):
 def _approx_kl(log_ratio: jax.Array, valid: jax.Array) -> jax.Array:
   """Masked mean of k3(old || new) = (ratio - 1) - log ratio (Schulman 2020)."""
   return masked_mean(jnp.expm1(log_ratio) - log_ratio, valid)
+
+
+def _mean_over_sequences(per_sequence: jax.Array, valid: jax.Array) -> jax.Array:
+  """Mean of per-row values [B] over the rows of `valid` [B, T] with at least one valid token."""
+  return masked_mean(per_sequence, jnp.any(valid, axis=1))
 
 
 def _clipped_surrogate(cfg: PolicyLossConfig, log_ratio: jax.Array,
@@ -160,7 +226,7 @@ def ppo_dual_clip_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs:
   }
 
 
-@register_policy_loss("grpo")
+@register_policy_loss("grpo", normalizer="sequence")
 def grpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
               advantages: jax.Array, mask: jax.Array) -> tuple[jax.Array, Aux]:
   """GRPO clipped objective, averaged per sequence first, then over sequences.
@@ -175,8 +241,7 @@ def grpo_loss(cfg: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Arra
   """
   log_ratio, adv, valid = _log_ratio_and_advantages(logprobs, old_logprobs, advantages, mask)
   per_token, clipped = _clipped_surrogate(cfg, log_ratio, adv)
-  per_sequence = masked_mean(per_token, valid, axis=1)
-  return masked_mean(per_sequence, jnp.any(valid, axis=1)), {
+  return _mean_over_sequences(masked_mean(per_token, valid, axis=1), valid), {
       "clipfrac": masked_mean(clipped, valid),
       "approx_kl": _approx_kl(log_ratio, valid),
   }
@@ -263,95 +328,6 @@ def value_loss(cfg: ValueLossConfig, values: jax.Array, old_values: jax.Array,
   loss, aux = VALUE_LOSSES.get(cfg.name)(cfg, values, old_values, returns, mask)
   chex.assert_rank(loss, 0)
   return loss, aux
-
-
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """log softmax(logits)[b, t, tokens[b, t]] = logits[b, t, tok] - logsumexp_v logits[b, t, v],
-  in float32, [B, T].
-
-  Args:
-    logits: [B, T, V]; position t must hold the logits that predict tokens[:, t] (already
-      shifted and divided by the sampling temperature by the caller).
-    tokens: [B, T] integer ids.
-  """
-  chex.assert_rank([logits, tokens], [3, 2])
-  chex.assert_equal_shape_prefix([logits, tokens], 2)
-  chex.assert_type(tokens, int)
-  logits = logits.astype(jnp.float32)
-  # logits[token] - logsumexp(logits) instead of gathering from log_softmax: the same value, but
-  # no [B, T, V] log-prob tensor is materialised; a full-sequence LM fwd+bwd (B=64, T=64,
-  # V=8192) runs about 1.4x faster on CPU.
-  picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-def entropy_from_logits(logits: jax.Array) -> jax.Array:
-  """Per-token entropy H = -sum_v p_v log p_v of softmax(logits), float32, [B, T].
-
-  Computed from log_softmax (no overflow for large logits); vocabulary entries with p = 0
-  (logit -inf, e.g. masked tokens) contribute 0 instead of 0 * -inf = NaN, in value and gradient.
-  """
-  chex.assert_rank(logits, 3)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  # log p = -inf becomes 0 so that p log p = exp(0) * 0 = 0; selecting before the product also
-  # keeps the -inf out of the gradient.
-  safe_logp = jnp.where(jnp.isfinite(logp), logp, 0.0)
-  return -jnp.sum(jnp.exp(safe_logp) * safe_logp, axis=-1)
-
-
-def chunked_token_logprobs(hidden: jax.Array, head: Callable[[jax.Array], jax.Array],
-                           tokens: jax.Array, *, chunk_size: int, temperature: float = 1.0,
-                           with_entropy: bool = False):
-  """`token_logprobs(head(hidden) / T, tokens)` (and `entropy_from_logits` of the same logits)
-  without the full [B, N, V] logits.
-
-  Positions are processed `chunk_size` at a time in a `lax.map`, each chunk under
-  `jax.checkpoint`: the forward keeps one chunk's [B, chunk, V] logits alive, and the backward
-  recomputes them chunk by chunk from the saved hidden states. At V = 128k the float32 logits of
-  a PPO minibatch are its largest tensor (DESIGN.md section 4). N need not be a multiple of
-  chunk_size: the last chunk is padded and the padding sliced off.
-
-  Args:
-    hidden: [B, N, d] hidden states; position t predicts tokens[:, t].
-    head: hidden chunk [B, c, d] -> logits [B, c, V] (e.g. `CausalLM.logits`); any function, so
-      a vocabulary-sharded head fits.
-    tokens: [B, N] integer ids.
-    chunk_size: Positions per chunk (>= 1; values >= N give a single chunk).
-    temperature: Logits are divided by it (the sampling temperature).
-    with_entropy: Also return the per-token entropy.
-
-  Returns:
-    log-probs [B, N] float32, or (log-probs, entropy) with `with_entropy`.
-  """
-  chex.assert_rank([hidden, tokens], [3, 2])
-  chex.assert_equal_shape_prefix([hidden, tokens], 2)
-  chex.assert_type(tokens, int)
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  b, n, d = hidden.shape
-  size = min(chunk_size, n)
-  chunks = -(-n // size)
-  pad = chunks * size - n
-  # Chunk-major [chunks, B, size, ...], the layout lax.map iterates over.
-  split = lambda x: jnp.moveaxis(
-      jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape(
-          (b, chunks, size) + x.shape[2:]), 1, 0)
-  positions = split(jnp.broadcast_to(jnp.arange(n), (b, n)))
-
-  @jax.checkpoint
-  def chunk(args):
-    h, tok, pos = args
-    logits = head(h).astype(jnp.float32) / temperature
-    valid = pos < n
-    # Padded rows are zeroed here so nothing they compute can reach a result or a gradient.
-    out = [jnp.where(valid, token_logprobs(logits, tok), 0.0)]
-    if with_entropy:
-      out.append(jnp.where(valid, entropy_from_logits(logits), 0.0))
-    return tuple(out)
-
-  outs = jax.lax.map(chunk, (split(hidden), split(tokens), positions))
-  outs = tuple(jnp.moveaxis(o, 0, 1).reshape(b, chunks * size)[:, :n] for o in outs)
-  return outs if with_entropy else outs[0]
 
 
 def sft_loss(logits: jax.Array, ids: jax.Array,

@@ -145,9 +145,11 @@ def load_tokenizer(config: ExperimentConfig):
 
 
 def _load(config: ExperimentConfig, path: str, kind: str):
-  """A checkpoint in the run's compute and storage dtypes (`config.model`)."""
-  return models.from_pretrained(path, kind=kind, dtype=config.model.dtype,
-                                param_dtype=config.model.param_dtype)
+  """A checkpoint with the run's own compute settings (`config.model`: dtypes, remat, logits
+  chunking); its architecture comes from its config.json."""
+  m = config.model
+  return models.from_pretrained(path, kind=kind, dtype=m.dtype, param_dtype=m.param_dtype,
+                                remat=m.remat, logits_chunk_size=m.logits_chunk_size)
 
 
 def _check_vocab(model_cfg: models.DecoderConfig, tokenizer, what: str) -> None:

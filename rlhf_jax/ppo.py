@@ -3,8 +3,9 @@
 One call = one PPO optimisation phase on a scored batch (Schulman et al. 2017; the RLHF recipe of
 Ziegler et al. 2019 / Ouyang et al. 2022): advantages from the registered estimator, whitening over
 valid tokens, then `lax.scan` over epochs x shuffled minibatches with one optimizer step per
-minibatch, and the KL controller step. Losses and estimators are looked up by name in their
-registries, so a research fork adds one with a decorator and a config string.
+minibatch (its gradient optionally accumulated over microbatches), and the KL controller step.
+Losses and estimators are looked up by name in their registries, so a research fork adds one with
+a decorator and a config string.
 """
 
 import dataclasses
@@ -18,11 +19,12 @@ import optax
 from flax import nnx
 
 from rlhf_jax import kl as kl_lib
+from rlhf_jax import microbatch
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.advantages import ADVANTAGE_ESTIMATORS, AdvantageConfig, AdvantageInputs, compute_advantages
 from rlhf_jax.critics import CRITICS
 from rlhf_jax.losses import (POLICY_LOSSES, VALUE_LOSSES, PolicyLossConfig, ValueLossConfig,
-                             policy_loss, value_loss)
+                             loss_normalizer, normalizer_counts, policy_loss, value_loss)
 from rlhf_jax.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf_jax.rollout import Rollout, SamplingConfig, completion_hidden
 from rlhf_jax.score import Scored, completion_logprobs
@@ -44,6 +46,15 @@ class PPOConfig:
       the policy trunk: less work, one backbone) or "none" (critic-free estimators).
     ppo_epochs: Passes over the batch.
     num_minibatches: Minibatches per pass; one optimizer step each.
+    micro_batch_size: Rows per forward/backward pass inside an optimizer step (None: the whole
+      minibatch at once); must divide the minibatch (batch / num_minibatches). The gradients of
+      a minibatch's microbatches are summed before its one optimizer update, each microbatch's
+      loss term scaled by its share n_k / n of the count the loss normalises by (valid tokens
+      for token means (ppo, ppo_dual_clip, reinforce, the value losses, entropy, KL), rows with
+      a valid token for grpo's mean of sequence means; `losses.NORMALIZERS`), so the update
+      and the metrics equal those of the unsplit minibatch up to float rounding. Advantages
+      (group-relative ones included) are computed on the whole batch first, so neither
+      minibatches nor microbatches need to keep a group's rows together, and they do not.
     vf_coef: Weight of the value loss.
     ent_coef: Weight of the entropy bonus.
     whiten_advantages: Whiten advantages over the valid tokens of the batch.
@@ -60,6 +71,7 @@ class PPOConfig:
   critic: str = "separate"
   ppo_epochs: int = 4
   num_minibatches: int = 1
+  micro_batch_size: int | None = None
   vf_coef: float = 0.1
   ent_coef: float = 0.0
   whiten_advantages: bool = True
@@ -80,6 +92,8 @@ class PPOConfig:
       raise ValueError(f"group_size must be >= 1, got {self.group_size}")
     if self.ppo_epochs < 1 or self.num_minibatches < 1:
       raise ValueError("ppo_epochs and num_minibatches must be >= 1")
+    if self.micro_batch_size is not None and self.micro_batch_size < 1:
+      raise ValueError(f"micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
 
   @property
   def critic_impl(self):
@@ -169,27 +183,38 @@ class Minibatch:
 
 
 def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
-                    kl_coef: jax.Array):
+                    kl_coef: jax.Array, totals: dict[str, jax.Array]):
   """Policy loss - ent_coef * entropy [+ kl_coef * KL] [+ vf_coef * value loss], one forward
-  pass of the policy trunk shared by the log-probs and a shared critic."""
+  pass of the policy trunk shared by the log-probs and a shared critic.
+
+  `mb` is a microbatch of a minibatch whose `normalizer_counts` are `totals`: every term, and
+  every metric, is scaled by this microbatch's share of the count it is a mean over, so the sums
+  over the microbatches are the minibatch's loss and metrics (share 1 for the whole minibatch).
+  """
   rollout = mb.rollout
   mask = rollout.completion_mask
+  share = jax.tree.map(lambda n, total: n / jnp.maximum(total, 1.0),
+                       normalizer_counts(mask), totals)
+  per_token = lambda x: share["token"] * x   # scales a token-level mean
   policy = nnx.merge(state.policy_graphdef, params["policy"])
   hidden = completion_hidden(policy, rollout)
   logprobs, entropy = completion_logprobs(policy, rollout, hidden, with_entropy=True)
   pg_loss, aux = policy_loss(cfg.policy_loss, logprobs, mb.old_logprobs, mb.advantages, mask)
-  entropy = masked_mean(entropy, mask)
+  pg_loss = share[loss_normalizer(POLICY_LOSSES, cfg.policy_loss.name)] * pg_loss
+  entropy = per_token(masked_mean(entropy, mask))
   loss = pg_loss - cfg.ent_coef * entropy
-  metrics = {"pg_loss": pg_loss, "entropy": entropy, **aux}
+  metrics = {"pg_loss": pg_loss, "entropy": entropy, **jax.tree.map(per_token, aux)}
   if not cfg.kl.in_reward:
-    kl_loss = masked_mean(kl_lib.kl_penalty(cfg.kl.estimator, logprobs, mb.ref_logprobs), mask)
+    kl_loss = per_token(masked_mean(
+        kl_lib.kl_penalty(cfg.kl.estimator, logprobs, mb.ref_logprobs), mask))
     loss = loss + kl_coef * kl_loss
     metrics["kl_loss"] = kl_loss
   values = cfg.critic_impl.values(state.value_graphdef, params["value"], rollout, lambda: hidden)
   if values is not None:
     vf_loss, vf_aux = value_loss(cfg.value_loss, values, mb.old_values, mb.returns, mask)
+    vf_loss = share[loss_normalizer(VALUE_LOSSES, cfg.value_loss.name)] * vf_loss
     loss = loss + cfg.vf_coef * vf_loss
-    metrics.update(value_loss=vf_loss, **vf_aux)
+    metrics.update(value_loss=vf_loss, **jax.tree.map(per_token, vf_aux))
   metrics["loss"] = loss
   return loss, metrics
 
@@ -200,8 +225,10 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
 
   Pure; jit it with `cfg` static and the state donated:
   `jax.jit(ppo_update, static_argnums=0, donate_argnums=1)`.
-  A minibatch whose loss or gradient is not finite leaves params and optimizer state unchanged
-  and is counted in `nonfinite_steps`.
+  With `cfg.micro_batch_size`, each minibatch's gradient is accumulated over a `lax.scan` of
+  microbatches before its one optimizer update (see PPOConfig). A minibatch whose (accumulated)
+  loss or gradient is not finite leaves params and optimizer state unchanged and is counted in
+  `nonfinite_steps`.
 
   Args:
     cfg: PPOConfig.
@@ -232,11 +259,21 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
       old_values=scored.values if scored.values is not None else jnp.zeros_like(mask))
   kl_coef = state.kl.coef
   mb_size = b // cfg.num_minibatches
-  grad_fn = jax.grad(lambda p, mb: _minibatch_loss(cfg, state, p, mb, kl_coef), has_aux=True)
+  micro = cfg.micro_batch_size or mb_size
+  if mb_size % micro:
+    raise ValueError(f"micro_batch_size={micro} does not divide the minibatch size {mb_size} "
+                     f"(batch size {b} / num_minibatches={cfg.num_minibatches})")
+  grad_fn = jax.grad(lambda p, mb, totals: _minibatch_loss(cfg, state, p, mb, kl_coef, totals),
+                     has_aux=True)
+
+  def minibatch_grad(params, mb):
+    """(gradient, metrics) of the minibatch `mb`, summed over its microbatches."""
+    totals = normalizer_counts(mb.rollout.completion_mask)
+    return microbatch.accumulate(lambda p, m: grad_fn(p, m, totals), params, mb, micro)
 
   def minibatch_step(carry, mb):
     params, opt_state = carry
-    grads, metrics = grad_fn(params, mb)
+    grads, metrics = minibatch_grad(params, mb)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax.models import init_cache
+from rlhf_jax.models import KVCache, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +29,6 @@ class SamplingConfig:
     top_k: Keep the k most likely tokens (0: off).
     top_p: Nucleus sampling (Holtzman et al. 2020): keep the smallest set with mass >= top_p.
     greedy: Take the argmax instead of sampling.
-    decode_layout: "token_major" (activations [B, d]), "feature_major" (activations [d, B] and a
-      transposed copy of the blocks' weights, made once per rollout) or "auto": feature-major on
-      CPU only; a layout, not a result.
     eos_token_id: Ends a completion (kept in it, and masked in). None: the tokenizer's, filled in
       by `with_special_tokens`.
     pad_token_id: Fills the buffer after EOS; must differ from EOS, else padding reads as EOS.
@@ -44,15 +41,11 @@ class SamplingConfig:
   top_k: int = 0
   top_p: float = 1.0
   greedy: bool = False
-  decode_layout: str = "auto"
   eos_token_id: int | None = None
   pad_token_id: int | None = None
   ignore_eos: bool = False
 
   def __post_init__(self):
-    if self.decode_layout not in ("auto", "token_major", "feature_major"):
-      raise ValueError(f"decode_layout must be auto, token_major or feature_major, got "
-                       f"{self.decode_layout!r}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.pad_token_id is not None and self.eos_token_id == self.pad_token_id:
@@ -199,6 +192,28 @@ def sample_token(rng: jax.Array, logits: jax.Array, cfg: SamplingConfig):
   return tok, picked - top[:, 0] - jnp.log(weights.sum(-1))
 
 
+@flax.struct.dataclass
+class DecodeState:
+  """The decode loop's carry.
+
+  Attributes:
+    t: int32 scalar, index of the next completion token to sample.
+    last: [B] int32, the token sampled last (fed to the next step).
+    live: [B] bool, `last` is a real token (its row had not finished before it).
+    tokens, logprobs, valid: [B, N] completion buffers (pad / 0 / False where not sampled).
+    done: [B] bool, the row has emitted EOS.
+    cache: the policy's KVCache.
+  """
+  t: jax.Array
+  last: jax.Array
+  live: jax.Array
+  tokens: jax.Array
+  logprobs: jax.Array
+  valid: jax.Array
+  done: jax.Array
+  cache: KVCache
+
+
 def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
             prompt_mask: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> Rollout:
   """Samples completions for left-padded prompts (prefill + `lax.while_loop` decode).
@@ -221,53 +236,45 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   # The last sampled token is never fed back, so the cache holds p + n - 1 positions.
   cache = init_cache(model.cfg, b, p + n - 1)
   logits, cache = model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1)
-  layout = cfg.decode_layout
-  if layout == "auto":
-    layout = "feature_major" if jax.default_backend() == "cpu" else "token_major"
-  weights_t = model.decoder.feature_major_weights() if layout == "feature_major" else None
 
-  def emit(t, logits, tokens, logprobs, valid, done):
-    """Samples token t from logits [B, V] into the buffers; rows already done get padding."""
-    tok, lp = sample_token(jax.random.fold_in(rng, t), logits, cfg)
-    live = jnp.logical_not(done)
+  def emit(s: DecodeState, logits: jax.Array) -> DecodeState:
+    """Samples token s.t from logits [B, V] into the buffers; rows already done get padding."""
+    tok, lp = sample_token(jax.random.fold_in(rng, s.t), logits, cfg)
+    live = jnp.logical_not(s.done)
     tok = jnp.where(live, tok, cfg.pad_token_id)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], t, axis=1)
-    logprobs = jax.lax.dynamic_update_slice_in_dim(
-        logprobs, jnp.where(live, lp, 0.0)[:, None], t, axis=1)
-    valid = jax.lax.dynamic_update_slice_in_dim(valid, live[:, None], t, axis=1)
-    if not cfg.ignore_eos:
-      done = jnp.logical_or(done, tok == cfg.eos_token_id)
-    return tok, live, tokens, logprobs, valid, done
+    done = s.done if cfg.ignore_eos else jnp.logical_or(s.done, tok == cfg.eos_token_id)
 
-  def cond(carry):
-    t, *_, done, _ = carry
-    return jnp.logical_and(t < n, jnp.logical_not(jnp.all(done)))
+    def put(buf, col):
+      return jax.lax.dynamic_update_slice_in_dim(buf, col[:, None], s.t, axis=1)
+    return s.replace(t=s.t + 1, last=tok, live=live, tokens=put(s.tokens, tok),
+                     logprobs=put(s.logprobs, jnp.where(live, lp, 0.0)),
+                     valid=put(s.valid, live), done=done)
 
-  def body(carry):
+  def cond(s: DecodeState):
+    return jnp.logical_and(s.t < n, jnp.logical_not(jnp.all(s.done)))
+
+  def body(s: DecodeState) -> DecodeState:
     # The model step comes first so that no step runs after the last token is sampled.
-    t, tok, live, tokens, logprobs, valid, done, cache = carry
     # Rows that were already done feed padding that no later token may attend to.
     step_logits, cache = nnx.merge(graphdef, params)(
-        tok[:, None], attention_mask=live[:, None], cache=cache, feature_major_weights=weights_t)
-    tok, live, tokens, logprobs, valid, done = emit(
-        t, step_logits[:, 0], tokens, logprobs, valid, done)
-    return t + 1, tok, live, tokens, logprobs, valid, done, cache
+        s.last[:, None], attention_mask=s.live[:, None], cache=s.cache)
+    return emit(s.replace(cache=cache), step_logits[:, 0])
 
-  first = emit(0, logits[:, 0], jnp.full((b, n), cfg.pad_token_id, jnp.int32),
-               jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), jnp.bool_),
-               jnp.zeros((b,), jnp.bool_))
-  init = (jnp.ones((), jnp.int32), *first, cache)
-  _, _, _, tokens, logprobs, valid, _, _ = jax.lax.while_loop(cond, body, init)
-  return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=tokens,
-                 completion_mask=valid.astype(jnp.float32), logprobs=logprobs,
+  start = DecodeState(
+      t=jnp.zeros((), jnp.int32), last=jnp.zeros((b,), jnp.int32),
+      live=jnp.zeros((b,), jnp.bool_), tokens=jnp.full((b, n), cfg.pad_token_id, jnp.int32),
+      logprobs=jnp.zeros((b, n), jnp.float32), valid=jnp.zeros((b, n), jnp.bool_),
+      done=jnp.zeros((b,), jnp.bool_), cache=cache)
+  out = jax.lax.while_loop(cond, body, emit(start, logits[:, 0]))
+  return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=out.tokens,
+                 completion_mask=out.valid.astype(jnp.float32), logprobs=out.logprobs,
                  sampling=cfg)
 
 
 def completion_hidden(model, rollout: Rollout) -> jax.Array:
   """Final hidden states [B, N, d] of `model` at the positions that predict each completion token.
 
-  Position P-1+t (the last prompt token, then each completion token) predicts completion token t;
-  the decoder computes its last block only there.
+  Position P-1+t (the last prompt token, then each completion token) predicts completion token t.
   """
   p, n = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
   hidden, _ = model.decoder(rollout.sequences, attention_mask=rollout.sequence_mask,

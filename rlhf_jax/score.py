@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax import kl as kl_lib
-from rlhf_jax.losses import entropy_from_logits, token_logprobs
+from rlhf_jax.logprobs import chunked_token_logprobs
 from rlhf_jax.masked import last_valid_mask, masked_mean, masked_sum, masked_whiten
 from rlhf_jax.rollout import Rollout, completion_hidden
 
@@ -80,12 +80,14 @@ def completion_logprobs(model, rollout: Rollout, hidden: jax.Array | None = None
   """
   if hidden is None:
     hidden = completion_hidden(model, rollout)
-  logits = model.logits(hidden) / rollout.temperature
+  # In chunks of positions: the full [B, N, V] float32 logits never exist at once.
+  out = chunked_token_logprobs(hidden, model.logits, rollout.completion_ids,
+                               chunk_size=model.cfg.logits_chunk_size,
+                               temperature=rollout.temperature, with_entropy=with_entropy)
   valid = rollout.completion_mask > 0
-  logp = jnp.where(valid, token_logprobs(logits, rollout.completion_ids), 0.0)
   if with_entropy:
-    return logp, jnp.where(valid, entropy_from_logits(logits), 0.0)
-  return logp
+    return tuple(jnp.where(valid, x, 0.0) for x in out)
+  return jnp.where(valid, out, 0.0)
 
 
 def reward_model_fn(graphdef: nnx.GraphDef) -> RewardFn:

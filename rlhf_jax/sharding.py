@@ -1,11 +1,13 @@
 """Meshes and the mapping from logical axis names to `NamedSharding`s.
 
-Every parameter carries logical axes (`nnx.Param(..., axes=("embed", "mlp"))`); one ordered rules
-list maps each logical name to mesh axes (MaxText / Flax `logical_axis_rules` style). A mesh axis
+Every parameter carries logical axes (`nnx.Param(..., axes=("embed", "mlp"))`), and the model pins
+its activations with `constrain(x, ("activation_batch", ...))`; one ordered rules list maps each
+logical name to mesh axes (MaxText / Flax `logical_axis_rules` style). A mesh axis
 that does not divide a dimension is dropped for that dimension rather than failing, so the same
 rules serve a 1-device CPU run and a pod (e.g. 2 kv heads on a tensor axis of 4 are replicated).
 """
 
+import functools
 from typing import Sequence
 
 import jax
@@ -24,6 +26,17 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
     ("head_dim", ()),
+    # The scanned blocks' stacking axis: each scan step reads one layer, so it stays whole.
+    ("layers", ()),
+    # Activations: rows split like the batch, heads / MLP hidden / vocabulary like their weights.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", ()),
+    ("activation_embed", ()),
+    ("activation_heads", ("tensor",)),
+    ("activation_kv_heads", ("tensor",)),
+    ("activation_head_dim", ()),
+    ("activation_mlp", ("tensor",)),
+    ("activation_vocab", ("tensor",)),
 )
 
 
@@ -56,7 +69,8 @@ def make_mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = MESH_AXE
   return Mesh(np.asarray(devices).reshape(shape), tuple(axes))
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int],
+                    mesh: Mesh | jax.sharding.AbstractMesh,
                     rules=DEFAULT_RULES) -> P:
   """PartitionSpec for one array: each logical name takes its rule's mesh axes that are still
   unused and divide the dimension."""
@@ -76,6 +90,29 @@ def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mes
     used.update(chosen)
     spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
   return P(*spec)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+  """x pinned to the sharding its logical axes get on the current mesh; x itself without one.
+
+  The mesh is the one set by `jax.set_mesh` (or `jax.sharding.use_mesh`) around tracing, so
+  model code can call this unconditionally and a single-device run is unchanged.
+  """
+  if len(logical_axes) != x.ndim:
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match an array of shape {x.shape}")
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
+
+
+def on_mesh(mesh: Mesh, fn):
+  """`fn` called (and so traced) with `mesh` set, so the `constrain`s inside it take effect."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def param_shardings(model_or_state, mesh: Mesh, rules=DEFAULT_RULES):

@@ -85,6 +85,15 @@ def rloo_reference(rewards, mask, group_size):
   return broadcast_reference(out, mask)
 
 
+def dr_grpo_reference(rewards, mask, group_size):
+  seq = sequence_returns_reference(rewards, mask)
+  out = []
+  for i, r in enumerate(seq):
+    g = i // group_size
+    out.append(r - statistics.mean(seq[g * group_size:(g + 1) * group_size]))
+  return broadcast_reference(out, mask)
+
+
 def reinforce_pp_baseline_reference(rewards, mask, group_size, gamma):
   seq = sequence_returns_reference(rewards, mask)
   shaped = rewards.astype(np.float64).copy()
@@ -154,6 +163,75 @@ def test_rloo_matches_loop(group_size):
   np.testing.assert_array_equal(ret, adv)
 
 
+@pytest.mark.parametrize("group_size", [2, 3])
+def test_dr_grpo_matches_loop(group_size):
+  rewards, _, mask = _batch(9)
+  cfg = adv_lib.AdvantageConfig("dr_grpo")
+  adv, ret = compute(cfg, adv_lib.AdvantageInputs(rewards, None, mask, group_size))
+  np.testing.assert_allclose(adv, dr_grpo_reference(rewards, mask, group_size), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(ret, adv)
+  # No std division: scaling the rewards scales the advantages (GRPO's would not change).
+  scaled, _ = compute(cfg, adv_lib.AdvantageInputs(3.0 * rewards, None, mask, group_size))
+  np.testing.assert_allclose(scaled, 3.0 * np.asarray(adv), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo"])
+def test_all_equal_group_gives_zero_advantage_with_two_groups(estimator):
+  mask = (np.arange(4)[None, :] < np.array([4, 1, 2, 3])[:, None]).astype(np.float32)
+  rewards = np.zeros((4, 4), np.float32)
+  rewards[[0, 1], [3, 0]] = 1.0  # Group 0: both completions return 1.
+  rewards[[2, 3], [1, 2]] = [0.0, 2.0]  # Group 1: returns 0 and 2.
+  adv, _ = compute(adv_lib.AdvantageConfig(estimator), adv_lib.AdvantageInputs(rewards, None,
+                                                                              mask, 2))
+  np.testing.assert_array_equal(np.asarray(adv)[:2], 0.0)
+  assert np.all(np.asarray(adv)[2][mask[2] > 0] < 0) and np.all(np.asarray(adv)[3][mask[3] > 0] > 0)
+
+
+def remax_reference(rewards, mask, baselines):
+  seq = sequence_returns_reference(rewards, mask)
+  return broadcast_reference([r - float(b) for r, b in zip(seq, baselines, strict=True)], mask)
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_remax_matches_loop(group_size):
+  rewards, _, mask = _batch(10)
+  rng = np.random.default_rng(11)
+  # One greedy completion per prompt: its return repeats over the prompt's group of samples.
+  baselines = np.repeat(rng.normal(0.0, 2.0, B // group_size), group_size).astype(np.float32)
+  cfg = adv_lib.AdvantageConfig("remax")
+  adv, ret = compute(cfg, adv_lib.AdvantageInputs(rewards, None, mask, group_size, baselines))
+  np.testing.assert_allclose(adv, remax_reference(rewards, mask, baselines), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(ret, adv)
+
+
+def test_remax_greedy_as_good_as_sample_gives_zero_and_padding_is_inert():
+  rewards, _, mask = _batch(12)
+  returns = np.array(sequence_returns_reference(rewards, mask), np.float32)
+  cfg = adv_lib.AdvantageConfig("remax")
+  adv, _ = compute(cfg, adv_lib.AdvantageInputs(rewards, None, mask, baselines=returns))
+  np.testing.assert_allclose(adv, 0.0, atol=1e-6)
+  baselines = returns - 1.0
+  clean, _ = compute(cfg, adv_lib.AdvantageInputs(rewards, None, mask, baselines=baselines))
+  empty = np.array(LENGTHS) == 0
+  dirty, _ = compute(cfg, adv_lib.AdvantageInputs(
+      np.where(mask > 0, rewards, np.float32(np.nan)), None, mask,
+      baselines=np.where(empty, np.float32(np.nan), baselines)))  # An empty row's baseline.
+  np.testing.assert_array_equal(clean, dirty)
+  np.testing.assert_allclose(clean, np.where(mask > 0, 1.0, 0.0), rtol=1e-5)
+
+
+def test_remax_needs_baselines_of_shape_b():
+  rewards, _, mask = _batch()
+  cfg = adv_lib.AdvantageConfig("remax")
+  with pytest.raises(ValueError, match="needs AdvantageInputs.baselines"):
+    adv_lib.compute_advantages(cfg, adv_lib.AdvantageInputs(rewards, None, mask))
+  with pytest.raises(AssertionError):
+    adv_lib.compute_advantages(cfg, adv_lib.AdvantageInputs(rewards, None, mask,
+                                                            baselines=np.zeros((B, 1))))
+
+
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
 def test_reinforce_pp_baseline_matches_loop(gamma):
   rewards, _, mask = _batch(5)
@@ -175,7 +253,7 @@ def test_reinforce_matches_loop(gamma):
   np.testing.assert_allclose(adv_lib.discounted_returns(rewards, mask, gamma), adv, rtol=1e-6)
 
 
-@pytest.mark.parametrize("estimator", ["gae", "grpo", "rloo", "reinforce_pp_baseline",
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp_baseline",
                                        "reinforce"])
 def test_masked_entries_never_influence_results(estimator):
   rewards, values, mask = _batch(7)
@@ -199,7 +277,7 @@ def test_group_size_must_divide_batch():
                                adv_lib.AdvantageInputs(rewards, None, mask, 4))
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp_baseline"])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
 def test_group_estimators_need_two_completions(estimator):
   rewards, _, mask = _batch()
   with pytest.raises(ValueError, match="needs group_size >= 2"):

@@ -111,9 +111,9 @@ CASES = [
     ("unknown_policy_loss", lambda t, i: {"ppo.policy_loss.name": "nope"}, "nope"),
     ("indivisible_minibatches", lambda t, i: {"ppo.num_minibatches": 3}, "not divisible"),
     # No policy or reward given: the bad setting must fail before SFT and reward training write.
-    ("bad_decode_layout_before_sft", lambda t, i: {"policy_path": "", "reward_path": "",
-                                                   "ppo.sampling.decode_layout": "rows"},
-     "decode_layout must be auto, token_major or feature_major, got 'rows'"),
+    ("bad_top_p_before_sft", lambda t, i: {"policy_path": "", "reward_path": "",
+                                           "ppo.sampling.top_p": 0.0},
+     "top_p must be in (0, 1], got 0.0"),
     ("zero_temperature", lambda t, i: {"ppo.sampling.temperature": 0.0},
      "temperature must be > 0"),
     ("mesh_vs_devices", lambda t, i: {"mesh_shape": "(3,1,1)"}, "needs 3 devices, but 8 are available"),

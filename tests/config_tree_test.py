@@ -124,12 +124,13 @@ EXPLICIT = {
     "model.norm": "layernorm", "model.activation": "gelu", "model.positions": "learned",
     "model.rope_scaling": (("rope_type", "linear"), ("factor", 2.0)),
     "model.eos_token_id": (5, 6), "model.dtype": "bfloat16", "model.param_dtype": "bfloat16",
-    "ppo.sampling.decode_layout": "token_major", "ppo.sampling.eos_token_id": 3,
+    "ppo.sampling.eos_token_id": 3,
     "ppo.sampling.pad_token_id": 4, "ppo.policy_loss.name": "grpo",
     "ppo.value_loss.name": "mse", "ppo.advantage.estimator": "rloo", "ppo.kl.estimator": "k3",
     "ppo.kl.controller": "adaptive", "ppo.critic": "shared", "sft.optim.schedule": "linear",
     "reward.optim.schedule": "linear", "ppo.optim.schedule": "linear",
-    "ppo.frozen_param_dtype": "bfloat16",
+    "ppo.frozen_param_dtype": "bfloat16", "model.remat": "full", "ppo.micro_batch_size": 8,
+    "sft.micro_batch_size": 16, "reward.micro_batch_size": 16,
 }
 
 

@@ -59,7 +59,7 @@ def test_final_policy_loads_in_transformers_with_the_same_logits(smoke_run):
   ids = np.asarray([tok("review : the film at the museum was")["input_ids"]])
   with torch.no_grad():
     want = hf(input_ids=torch.tensor(ids)).logits.numpy()
-  got = np.asarray(ours(jnp.asarray(ids)))
+  got = np.asarray(ours(jnp.asarray(ids))[0])
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -216,3 +217,89 @@ def test_sampling_and_training_temperature_cannot_diverge():
   # ppo_update's first (and only) step sees ratio 1 on every token: it used T = 0.7 too.
   _, um = jax.jit(ppo.ppo_update, static_argnums=0)(pcfg, state, scored)
   assert abs(float(um["approx_kl"])) < 1e-6 and float(um["clipfrac"]) == 0.0
+
+
+def _ragged_off_policy(scored, seed=0):
+  """`scored` with completion masks cut to random prefixes (one row left empty), so microbatches
+  hold different numbers of valid tokens and of non-empty rows, and with random rewards, values
+  and sampling log-probs, so advantages, ratios and value targets are far from trivial."""
+  rng = np.random.default_rng(seed)
+  noise = lambda x, scale: x + scale * jnp.asarray(rng.normal(size=x.shape), x.dtype)
+  mask = scored.rollout.completion_mask
+  b, n = mask.shape
+  lengths = rng.integers(1, n + 1, b)
+  lengths[3] = 0
+  ragged = jnp.where(jnp.arange(n) < jnp.asarray(lengths)[:, None], mask, 0.0)
+  rollout = scored.rollout.replace(completion_mask=ragged,
+                                   logprobs=noise(scored.rollout.logprobs, 0.3))
+  values = None if scored.values is None else noise(scored.values, 1.0)
+  return scored.replace(rollout=rollout, token_rewards=noise(scored.token_rewards, 1.0),
+                        values=values)
+
+
+MICRO_CONFIGS = {
+    "separate_ppo": dict(critic="separate", ent_coef=0.01),
+    "none_grpo_kl_in_loss": dict(
+        critic="none", whiten_advantages=False, group_size=4, ent_coef=0.01,
+        policy_loss=losses.PolicyLossConfig(name="grpo"),
+        advantage=AdvantageConfig(estimator="grpo"),
+        kl=kl_lib.KLConfig(estimator="k3", in_reward=False, init_coef=0.05)),
+    "shared_dual_clip_mse": dict(critic="shared",
+                                 policy_loss=losses.PolicyLossConfig(name="ppo_dual_clip"),
+                                 value_loss=losses.ValueLossConfig(name="mse")),
+}
+
+
+@pytest.mark.parametrize("name", list(MICRO_CONFIGS))
+def test_microbatches_give_the_unsplit_update(name):
+  # 16 rows, 2 minibatches of 8: 4 microbatches of 2 rows each.
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=2, ppo_epochs=2, **MICRO_CONFIGS[name])
+  ids, mask = _prompts(16)
+  # Plain SGD: the new params are the old minus lr times the summed gradients, so they compare
+  # the gradients themselves. Adam's g / (|g| + eps) would blow up the float rounding of
+  # near-zero gradient entries (unused embedding rows) whatever the accumulation.
+  state, ref_graphdef, ref_params = _setup(pcfg)
+  policy = nnx.merge(state.policy_graphdef, state.params["policy"])
+  value = (nnx.merge(state.value_graphdef, state.params["value"]) if pcfg.critic == "separate"
+           else None)
+  state = ppo.init_train_state(pcfg, policy, optax.sgd(0.1), jax.random.key(0), value)
+  scored, _ = _collect_fn(pcfg, ref_graphdef)(state, ref_params, ids, mask, jax.random.key(1))
+  scored = _ragged_off_policy(scored)
+  update = jax.jit(ppo.ppo_update, static_argnums=0)
+  whole_state, whole = jax.device_get(update(pcfg, state, scored))
+  micro_state, micro = jax.device_get(
+      update(dataclasses.replace(pcfg, micro_batch_size=2), state, scored))
+  assert whole.keys() == micro.keys()
+  for k in whole:
+    np.testing.assert_allclose(micro[k], whole[k], atol=1e-6, rtol=1e-6, err_msg=k)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), whole_state.params,
+                       jax.device_get(state.params))
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), whole_state.params,
+               micro_state.params)
+
+
+def test_microbatch_size_must_divide_the_minibatch():
+  ids, mask = _prompts(8)
+  pcfg = ppo.PPOConfig(sampling=SAMPLING, num_minibatches=2, ppo_epochs=1, micro_batch_size=3)
+  state, ref_graphdef, ref_params = _setup(pcfg)
+  scored, _ = _collect_fn(pcfg, ref_graphdef)(state, ref_params, ids, mask, jax.random.key(1))
+  with pytest.raises(ValueError, match="micro_batch_size=3 does not divide the minibatch size 4"):
+    ppo.ppo_update(pcfg, state, scored)
+  with pytest.raises(ValueError, match="micro_batch_size must be >= 1"):
+    ppo.PPOConfig(micro_batch_size=0)
+  from rlhf_jax.trainers.ppo import PPOTrainerConfig
+  with pytest.raises(ValueError, match="micro_batch_size=3 does not divide the minibatch size 8"):
+    PPOTrainerConfig(batch_size=8, group_size=2, num_minibatches=2, micro_batch_size=3)
+
+
+def test_losses_declare_what_they_average_over():
+  normalizer = losses.loss_normalizer
+  assert normalizer(losses.POLICY_LOSSES, "grpo") == "sequence"
+  assert {normalizer(losses.POLICY_LOSSES, n) for n in ("ppo", "ppo_dual_clip", "reinforce")} == {
+      "token"}
+  assert {normalizer(losses.VALUE_LOSSES, n) for n in losses.VALUE_LOSSES} == {"token"}
+  with pytest.raises(ValueError, match="normalizer must be one of"):
+    losses.register_policy_loss("test_bad_normalizer", normalizer="pairs")
+  counts = losses.normalizer_counts(jnp.array([[1, 1, 0], [0, 0, 0], [1, 0, 0]]))
+  assert {k: float(v) for k, v in counts.items()} == {"token": 3.0, "sequence": 2.0, "row": 3.0}

@@ -70,7 +70,7 @@ def _full_forwards():
   """Reference logits [B, P+N, V] and reward-head outputs at every position [B, P+N] (NumPy)."""
   ref_graphdef, ref_params, reward_graphdef, reward_params = _models()
   ro = _rollout()
-  logits = jax.jit(lambda p, ids, m: nnx.merge(ref_graphdef, p)(ids, attention_mask=m))(
+  logits = jax.jit(lambda p, ids, m: nnx.merge(ref_graphdef, p)(ids, attention_mask=m)[0])(
       ref_params, ro.sequences, ro.sequence_mask)
   per_token = jax.jit(
       lambda p, ids, m: nnx.merge(reward_graphdef, p).per_token(ids, attention_mask=m))(
@@ -235,3 +235,24 @@ def test_kl_vanishes_when_policy_is_the_reference(estimator):
   assert np.max(np.abs(np.asarray(scored.kl))) < 1e-5
   assert abs(float(metrics["kl"])) < 1e-5
 
+
+
+def test_completion_logprobs_in_chunks_match_one_piece():
+  ro = _rollout(0.8)
+  whole = models.CausalLM(LLAMA, rngs=nnx.Rngs(1))
+  chunked = models.CausalLM(LLAMA.replace(logits_chunk_size=4), rngs=nnx.Rngs(1))   # N = 6
+
+  def run(model):
+    graphdef, params = nnx.split(model)
+
+    def total(p):
+      logp, ent = S.completion_logprobs(nnx.merge(graphdef, p), ro, with_entropy=True)
+      return logp.sum() + 0.1 * ent.sum(), (logp, ent)
+    return jax.jit(jax.value_and_grad(total, has_aux=True))(params)
+
+  (_, (want_logp, want_ent)), want_grad = run(whole)
+  (_, (got_logp, got_ent)), got_grad = run(chunked)
+  np.testing.assert_allclose(got_logp, want_logp, atol=1e-5)
+  np.testing.assert_allclose(got_ent, want_ent, atol=1e-5)
+  assert np.all(np.asarray(got_logp)[np.asarray(ro.completion_mask) == 0] == 0.0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grad, want_grad)

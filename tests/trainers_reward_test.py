@@ -1,15 +1,18 @@
 """Tests for rlhf_jax.trainers.reward and losses.bradley_terry_loss."""
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from rlhf_jax import data, losses, models, optim, sharding
 from rlhf_jax.trainers import reward
+from rlhf_jax.trainers import supervised as trainers
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +144,29 @@ def test_multi_label_model_is_rejected(tokenizer):
   model = models.ScalarModel(_model_cfg(tokenizer).replace(num_labels=2), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_labels=1"):
     reward.train_reward_model(model, tokenizer, pairs, reward.RewardConfig(batch_size=4))
+
+
+def test_microbatches_give_the_unsplit_step(tokenizer):
+  pairs = data.make_default_task(seed=2, n_sft=0, n_pairs=16, n_prompts=0,
+                                 n_eval_prompts=8).preferences
+  batch = jax.device_put(reward.encode_pairs(tokenizer, pairs, reward.RewardConfig(max_len=20)))
+  model = models.ScalarModel(_model_cfg(tokenizer), rngs=nnx.Rngs(0), head_std=0.5)
+  graphdef, params = nnx.split(model)
+  # Plain SGD, so the new params compare the gradients themselves (see ppo_test).
+  tx = optax.sgd(0.1)
+  opt_state = tx.init(params)
+  loss_fn = functools.partial(reward.reward_batch_loss, center_coef=0.1)
+
+  def run(micro_batch_size):
+    step = trainers.make_train_step(loss_fn, graphdef, tx, micro_batch_size)
+    return jax.device_get(jax.jit(step)(params, opt_state, batch))
+
+  whole_params, _, whole = run(None)
+  micro_params, _, micro = run(4)
+  assert whole.keys() == micro.keys()
+  for k in whole:
+    np.testing.assert_allclose(micro[k], whole[k], atol=1e-6, rtol=1e-6, err_msg=k)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), whole_params, jax.device_get(params))
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), whole_params,
+               micro_params)

@@ -4,6 +4,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -152,3 +153,38 @@ def test_token_ids_outside_the_model_vocab_are_rejected(tokenizer):
   with pytest.raises(ValueError, match="vocab_size is 16"):
     sft.train_sft(models.CausalLM(small, rngs=nnx.Rngs(0)), tokenizer, examples,
                   sft.SFTConfig(batch_size=4, max_len=20))
+
+
+def test_microbatches_give_the_unsplit_step(tokenizer):
+  examples = data.make_default_task(seed=2, n_sft=16, n_pairs=0, n_prompts=0,
+                                    n_eval_prompts=8).sft
+  cfg = sft.SFTConfig(batch_size=16, max_len=20)
+  batch = jax.device_put(sft.encode_examples(tokenizer, examples, cfg))
+  targets = np.asarray(batch["completion_mask"])[:, 1:].sum(axis=1)
+  assert len(set(targets)) > 2   # ragged: token weighting matters
+  graphdef, params = nnx.split(models.CausalLM(_model_cfg(tokenizer), rngs=nnx.Rngs(0)))
+  # Plain SGD, so the new params compare the gradients themselves (see ppo_test).
+  tx = optax.sgd(1.0)
+  opt_state = tx.init(params)
+
+  def run(micro_batch_size):
+    step = trainers.make_train_step(sft.sft_batch_loss, graphdef, tx, micro_batch_size,
+                                    sft.sft_batch_targets)
+    return jax.device_get(jax.jit(step)(params, opt_state, batch))
+
+  whole_params, _, whole = run(None)
+  micro_params, _, micro = run(4)
+  assert whole.keys() == micro.keys() and whole["num_tokens"] == targets.sum()
+  for k in whole:
+    np.testing.assert_allclose(micro[k], whole[k], atol=1e-6, rtol=1e-6, err_msg=k)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), whole_params, jax.device_get(params))
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), whole_params,
+               micro_params)
+
+
+def test_microbatch_size_must_divide_the_batch():
+  with pytest.raises(ValueError, match="micro_batch_size=3 does not divide batch_size=8"):
+    sft.SFTConfig(batch_size=8, micro_batch_size=3)
+  with pytest.raises(ValueError, match="micro_batch_size=0 does not divide"):
+    sft.SFTConfig(batch_size=8, micro_batch_size=0)

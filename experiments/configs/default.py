@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
            ent_coef=0.0, whiten_advantages=True, seed=0,
            # Checkpoints in <workdir>/ppo/checkpoints; a rerun resumes from the newest.
            checkpoint_every=10, keep_checkpoints=3, max_nonfinite_iterations=3)
-  p.sampling.update(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, decode_layout="auto")
+  p.sampling.update(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0)
   p.policy_loss.update(name="ppo", clip_eps=0.2)
   p.value_loss.update(name="clipped", clip_eps=0.2)
   p.advantage.update(estimator="gae", gamma=1.0, lam=0.95)

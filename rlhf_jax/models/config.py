@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3")
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 
 
 class ConfigError(ValueError):
@@ -49,6 +50,16 @@ class DecoderConfig:
     num_labels: Outputs of the scalar head for *ForSequenceClassification checkpoints.
     dtype: Compute dtype (activations, matmuls); params keep `param_dtype`.
     param_dtype: Storage dtype of parameters.
+    remat: What each block keeps for the backward pass (`jax.checkpoint` per scanned block):
+      "none" keeps every activation; "full" keeps only the block's input and recomputes the rest;
+      "save_dots" keeps the outputs of matmuls without batch dimensions (the projections and MLP,
+      `dots_with_no_batch_dims_saveable`) and recomputes the rest; "offload" keeps the same
+      outputs in pinned host memory instead of device memory. A training setting of this
+      library, not of the checkpoint: it is never written to config.json.
+    logits_chunk_size: Positions whose LM-head logits exist at once when log-probs and
+      entropies are computed for scoring and PPO (`logprobs.chunked_token_logprobs`): at V = 128k
+      the float32 [B, N, V] logits would be a minibatch's largest tensor. Like `remat`, never
+      written to config.json.
   """
 
   model_type: str = "llama"
@@ -78,6 +89,8 @@ class DecoderConfig:
   num_labels: int = 1
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: str = "none"
+  logits_chunk_size: int = 256
 
   def __post_init__(self):
     if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -86,11 +99,13 @@ class DecoderConfig:
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-    for name in ("norm", "activation", "positions"):
+    for name in ("norm", "activation", "positions", "remat"):
       allowed = {"norm": ("layernorm", "rmsnorm"), "activation": ("gelu_new", "gelu", "silu"),
-                 "positions": ("learned", "rope")}[name]
+                 "positions": ("learned", "rope"), "remat": REMAT_POLICIES}[name]
       if getattr(self, name) not in allowed:
         raise ConfigError(f"{name}={getattr(self, name)!r} not in {allowed}")
+    if self.logits_chunk_size < 1:
+      raise ConfigError(f"logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
     rope_type = dict(self.rope_scaling).get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
       raise ConfigError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")

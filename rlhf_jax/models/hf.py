@@ -1,9 +1,11 @@
 """Hugging Face checkpoints in and out: config.json + safetensors, never pickle, never remote code.
 
 Each family's tensor names map to our parameter paths through one table of rules (MaxText/tunix
-style): a Hugging Face key pattern, our path template, and the reshape between Hugging Face's
-[out, in] torch Linear layout (or GPT-2's [in, out] Conv1D) and our [in, heads, head_dim] kernels.
-The same table drives import and export, so the two cannot drift apart.
+style): a Hugging Face key pattern, our path, and the reshape between Hugging Face's [out, in]
+torch Linear layout (or GPT-2's [in, out] Conv1D) and our [in, heads, head_dim] kernels.
+The same table drives import and export, so the two cannot drift apart. Hugging Face stores one
+tensor per layer ({i} in the key); we store the blocks stacked on a leading layer axis, so layer
+i's tensor is row i of our array.
 """
 
 import dataclasses
@@ -31,7 +33,7 @@ class CheckpointError(ValueError):
 class _Rule:
   """Hugging Face key <-> our path, with layout conversions both ways."""
   hf: str                               # may contain {i} for the layer index
-  ours: tuple                           # path with "{i}" where the layer index goes
+  ours: tuple                           # path; with {i} in `hf`, of a stacked [L, ...] array
   to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
   to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
 
@@ -86,7 +88,7 @@ def _llama_rules(cfg: DecoderConfig) -> list[_Rule]:
   q, kv = _lin_in_heads("num_heads"), _lin_in_heads("num_kv_heads")
   qb, kvb = _bias_heads("num_heads"), _bias_heads("num_kv_heads")
   L = "model.layers.{i}."
-  D = ("decoder", "layers", "{i}")
+  D = ("decoder", "layers")
   rules = [
       _Rule("model.embed_tokens.weight", ("decoder", "embed"), _same, _same),
       _Rule("model.norm.weight", ("decoder", "final_norm", "scale"), _same, _same),
@@ -118,7 +120,7 @@ def _llama_rules(cfg: DecoderConfig) -> list[_Rule]:
 def _gpt2_rules(cfg: DecoderConfig) -> list[_Rule]:
   del cfg
   L = "transformer.h.{i}."
-  D = ("decoder", "layers", "{i}")
+  D = ("decoder", "layers")
 
   def conv_in_heads(x, c):   # Conv1D [d, H*D] -> [d, H, D]
     return x.reshape(c.hidden_size, c.num_heads, c.head_dim)
@@ -164,14 +166,12 @@ def _rules(cfg: DecoderConfig, head: str | None) -> list[_Rule]:
 
 
 def _expand(rules: list[_Rule], cfg: DecoderConfig):
-  """Rules with {i} instantiated for every layer: [(hf_key, our_path, rule)]."""
+  """Rules with {i} instantiated for every layer: [(hf_key, our_path, layer or None, rule)]."""
   out = []
   for r in rules:
     layers = range(cfg.num_layers) if "{i}" in r.hf else [None]
     for i in layers:
-      hf = r.hf.format(i=i) if i is not None else r.hf
-      path = tuple(i if p == "{i}" else p for p in r.ours)
-      out.append((hf, path, r))
+      out.append((r.hf.format(i=i) if i is not None else r.hf, r.ours, i, r))
   return out
 
 
@@ -292,8 +292,9 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
   tensors = _load_tensors(_safetensors_files(path))
   expected = _expand(_rules(cfg, head), cfg)
   used = set()
-  values: dict[tuple, list] = {}
-  for hf_key, our_path, rule in expected:
+  values: dict[tuple, np.ndarray] = {}
+  layer_values: dict[tuple, list] = {}
+  for hf_key, our_path, layer, rule in expected:
     if hf_key not in tensors:
       raise CheckpointError(f"{path}: tensor {hf_key!r} missing from the safetensors files")
     used.add(hf_key)
@@ -301,15 +302,21 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
     if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
       raise CheckpointError(f"{path}: tensor {hf_key!r} has non-float dtype {x.dtype}")
     target = _get(pure, our_path)
+    shape = tuple(target.shape[1:] if layer is not None else target.shape)
     try:
       y = rule.to_ours(np.asarray(x, np.float32), cfg)
     except ValueError:
       y = None
-    if y is None or y.shape != target.shape:
+    if y is None or y.shape != shape:
+      where = ".".join(our_path) + ("" if layer is None else f"[{layer}]")
       raise CheckpointError(
           f"{path}: tensor {hf_key!r} has shape {tuple(x.shape)}, which does not fit "
-          f"{'.'.join(map(str, our_path))} of shape {tuple(target.shape)} for this config.json")
-    values[our_path] = y
+          f"{where} of shape {shape} for this config.json")
+    if layer is None:
+      values[our_path] = y
+    else:   # layers arrive in order 0..L-1
+      layer_values.setdefault(our_path, []).append(y)
+  values.update({p: np.stack(ys) for p, ys in layer_values.items()})
   # An LM head is unused (not unexpected) when tied or when the trunk feeds a fresh scalar head.
   extra = [k for k in tensors if k not in used and not _IGNORED.search(k)
            and not (k == "lm_head.weight" and (cfg.tie_word_embeddings or head is None))]
@@ -340,11 +347,11 @@ def save_pretrained(model, path: str, *, architecture: str | None = None) -> Non
   if architecture is None:
     architecture = f"{family}ForSequenceClassification" if scalar else (
         "GPT2LMHeadModel" if cfg.model_type == "gpt2" else f"{family}ForCausalLM")
-  pure = nnx.to_pure_dict(nnx.state(model))
+  host = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
   tensors = {}
-  for hf_key, our_path, rule in _expand(_rules(cfg, "score" if scalar else "lm"), cfg):
-    x = np.asarray(jax.device_get(_get(pure, our_path)), np.float32)
-    y = rule.to_hf(x, cfg)
+  for hf_key, our_path, layer, rule in _expand(_rules(cfg, "score" if scalar else "lm"), cfg):
+    x = np.asarray(_get(host, our_path), np.float32)
+    y = rule.to_hf(x if layer is None else x[layer], cfg)
     if hf_key in tensors:   # GPT-2 c_attn: q, k, v parts arrive in order and are concatenated.
       y = np.concatenate([tensors[hf_key], y], axis=-1)
     tensors[hf_key] = y

@@ -88,6 +88,10 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
     if (self.batch_size * self.group_size) % self.num_minibatches:
       raise ValueError(f"batch_size*group_size={self.batch_size * self.group_size} is not "
                        f"divisible by num_minibatches={self.num_minibatches}")
+    minibatch = self.batch_size * self.group_size // self.num_minibatches
+    if self.micro_batch_size is not None and minibatch % self.micro_batch_size:
+      raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide the minibatch "
+                       f"size {minibatch} (batch_size*group_size / num_minibatches)")
 
   @property
   def algorithm(self) -> ppo_lib.PPOConfig:
@@ -140,11 +144,12 @@ class PPOTrainer:
     self._encode_prompts(train_prompts, eval_prompts)
     self._place_models(policy, ref_policy, value_model, reward_params)
     self.reward_fn = reward_fn
-    self._collect = jax.jit(functools.partial(collect, self.algo, ref_graphdef=self.ref_graphdef,
-                                              reward_fn=reward_fn))
-    self._update = jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
-                           out_shardings=(self.state_shardings, None))
-    self._eval_rollouts = jax.jit(self._eval_impl)
+    on_mesh = functools.partial(sharding_lib.on_mesh, self.mesh)
+    self._collect = on_mesh(jax.jit(functools.partial(
+        collect, self.algo, ref_graphdef=self.ref_graphdef, reward_fn=reward_fn)))
+    self._update = on_mesh(jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
+                                   out_shardings=(self.state_shardings, None)))
+    self._eval_rollouts = on_mesh(jax.jit(self._eval_impl))
     self.history: list[dict[str, Any]] = []
     self.eval_history: list[dict[str, Any]] = []
     self.checkpointer = None

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -42,8 +43,14 @@ def encode_examples(tokenizer: Any, examples: Sequence[data.SFTExample],
 def sft_batch_loss(model: CausalLM,
                    batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`losses.sft_loss` of `model` on a batch of `encode_examples` rows."""
-  logits = model(batch["ids"], attention_mask=batch["attention_mask"])
+  logits, _ = model(batch["ids"], attention_mask=batch["attention_mask"])
   return losses.sft_loss(logits, batch["ids"], batch["completion_mask"])
+
+
+def sft_batch_targets(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """The count `sft_batch_loss` averages over: completion tokens after a row's first position
+  (the targets of `losses.sft_loss`), float32."""
+  return jnp.sum(batch["completion_mask"][:, 1:] != 0, dtype=jnp.float32)
 
 
 def make_evaluator(graphdef: nnx.GraphDef, arrays: trainers.Batch, batch_size: int,
@@ -90,5 +97,5 @@ def train_sft(model: CausalLM, tokenizer: Any, examples: Sequence[data.SFTExampl
   evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh)
               if trainers.num_rows(held_out) else None)
   params, history = trainers.fit(cfg, graphdef, params, sft_batch_loss, train, evaluate, mesh,
-                                 log_fn)
+                                 log_fn, count_fn=sft_batch_targets)
   return nnx.merge(graphdef, params), history

@@ -4,9 +4,10 @@
 `rlhf_jax.trainers.reward.train_reward_model` (Bradley-Terry reward model) each supply a pure loss
 on a batch of fixed-shape [B, L] arrays; `fit` runs it: one jitted step
 `(params, opt_state, batch) -> (params, opt_state, metrics)` over `nnx.split` params with params and
-optimizer state donated, deterministic per-epoch shuffles, optional mesh placement (params by their
-logical axes, batch rows over the batch axes), held-out evaluation and a `log_fn(step, metrics)`
-callback. The Python loop only feeds batches; metrics are fetched once per logging window.
+optimizer state donated (its gradient optionally accumulated over microbatches), deterministic
+per-epoch shuffles, optional mesh placement (params by their logical axes, batch rows over the
+batch axes), held-out evaluation and a `log_fn(step, metrics)` callback. The Python loop only
+feeds batches; metrics are fetched once per logging window.
 """
 
 import dataclasses
@@ -22,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from rlhf_jax import microbatch
 from rlhf_jax import optim as optim_lib
 from rlhf_jax import sharding as sharding_lib
 
@@ -29,6 +31,7 @@ Batch = dict[str, np.ndarray]
 Metrics = dict[str, float]
 LogFn = Callable[[int, Metrics], None]
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+CountFn = Callable[[Mapping[str, jax.Array]], jax.Array]
 EvalFn = Callable[[nnx.State], Metrics]
 
 # Independent random streams of the config seed.
@@ -54,6 +57,10 @@ class TrainerConfig:
     eval_every: Evaluate every this many steps; 0: only after the last step.
     log_every: Fetch metrics and call `log_fn` every this many steps (and after the last).
     drop_overlong: Drop examples whose completion exceeds max_len instead of raising DataError.
+    micro_batch_size: Rows per forward/backward pass inside an optimizer step (None: the whole
+      batch at once); must divide batch_size. The step's gradient is summed over the
+      microbatches, each scaled by its share of the loss's normalizer, so it is the unsplit
+      step's (see `make_train_step`).
   """
   batch_size: int = 32
   epochs: int = 1
@@ -64,6 +71,7 @@ class TrainerConfig:
   eval_every: int = 0
   log_every: int = 10
   drop_overlong: bool = False
+  micro_batch_size: int | None = None
 
   def __post_init__(self):
     for name in ("batch_size", "epochs", "max_len", "log_every"):
@@ -73,6 +81,10 @@ class TrainerConfig:
       raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+    if self.micro_batch_size is not None and (
+        self.micro_batch_size < 1 or self.batch_size % self.micro_batch_size):
+      raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide "
+                       f"batch_size={self.batch_size}")
 
 
 def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,19 +173,40 @@ def map_batches(fn: Callable[[nnx.State, dict[str, jax.Array]], Any], params: nn
   return jax.device_get(outputs)
 
 
-def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+def count_rows(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """The normalizer of a loss that is a mean over the batch's rows."""
+  return jnp.asarray(num_rows(batch), jnp.float32)
+
+
+def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    micro_batch_size: int | None = None, count_fn: CountFn = count_rows):
   """The pure step `(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
   One gradient of `loss_fn(nnx.merge(graphdef, params), batch) -> (loss, aux)` and one optimizer
   update; metrics are aux plus "loss" and the pre-clipping "grad_norm".
+
+  With `micro_batch_size`, the gradient is summed over microbatches of that many rows
+  (`microbatch.accumulate`). The loss must be a mean over the `count_fn(batch)` rows or tokens of
+  its batch, sum_i f_i / n; microbatch k's loss and aux are then scaled by its share n_k / n, which
+  sums to the whole batch's loss and aux means exactly. Aux entries named "num_*" are counts and
+  are summed unscaled.
   """
-  def step(params, opt_state, batch):
+  def micro_grads(params, micro, total):
+    share = count_fn(micro) / jnp.maximum(total, 1.0)
+
     def objective(p):
-      return loss_fn(nnx.merge(graphdef, p), batch)
+      loss, aux = loss_fn(nnx.merge(graphdef, p), micro)
+      return share * loss, {k: v if k.startswith("num_") else share * v for k, v in aux.items()}
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, dict(aux, loss=loss)
+
+  def step(params, opt_state, batch):
+    total = count_fn(batch)
+    grads, metrics = microbatch.accumulate(lambda p, m: micro_grads(p, m, total), params, batch,
+                                           micro_batch_size)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
+    return params, opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
   return step
 
 
@@ -200,7 +233,8 @@ def _tokens(batch: Batch) -> int:
 
 def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: LossFn,
         train: Batch, evaluate: EvalFn | None = None, mesh: Mesh | None = None,
-        log_fn: LogFn | None = None) -> tuple[nnx.State, list[Metrics]]:
+        log_fn: LogFn | None = None,
+        count_fn: CountFn = count_rows) -> tuple[nnx.State, list[Metrics]]:
   """Minimises `loss_fn` over `cfg.epochs` shuffled passes of `train`.
 
   Args:
@@ -213,6 +247,8 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
       its metrics join that step's history entry with an "eval_" prefix.
     mesh: Optional mesh; None runs on the default device.
     log_fn: Called as `log_fn(step, entry)` at logging and evaluation steps.
+    count_fn: The count `loss_fn` averages over on a batch (rows by default), which weights the
+      microbatches of `cfg.micro_batch_size` (see `make_train_step`).
 
   Returns:
     (final params, history): one entry per step with "step", "epoch", "learning_rate", the step
@@ -234,7 +270,8 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
   learning_rates = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
   params, opt_state, shardings = _init_state(tx, params, mesh)
   jit_kw = {} if shardings is None else {"out_shardings": shardings}
-  step_fn = jax.jit(make_train_step(loss_fn, graphdef, tx), donate_argnums=(0, 1), **jit_kw)
+  step_fn = jax.jit(make_train_step(loss_fn, graphdef, tx, cfg.micro_batch_size, count_fn),
+                    donate_argnums=(0, 1), **jit_kw)
 
   start = time.perf_counter()
   first = put_batch(take_rows(train, epoch_batches(n, cfg.batch_size, cfg.seed, 0)[0]), mesh)
