@@ -59,7 +59,7 @@ def test_with_kl_the_gold_score_rises_and_the_monitor_stays_quiet(tmp_path, base
   gold = [e["gold_score"] for e in evals]
   assert not any(e["reward_hacking"] for e in evals), evals
   # Gold means over 64 prompts move by ~0.1 between evaluations: compare the last three with the
-  # reference's over the run (seen: 0.19 against -0.07), and the end with the start.
+  # reference's over the run (seen: 0.30 against -0.08), and the end with the start.
   assert np.mean(gold[-3:]) > np.mean([e["ref_gold_score"] for e in evals]) + 0.15
   assert gold[-1] > gold[0]
   assert evals[-1]["eval_win_rate"] > 0.7
