@@ -91,34 +91,95 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(records: Iterable[dict[str, Any]], keys: list[str], out_png: str,
-                title: str = "") -> str | None:
-  """One panel per key (those present) against `step`; returns the PNG path or None."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  records = list(records)
-  keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
-  if not keys:
-    return None
-  cols = min(3, len(keys))
-  rows = math.ceil(len(keys) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-  for ax, key in zip(axes.flat, keys):
-    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
-    ax.set_title(key)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(keys):]:
-    ax.axis("off")
+Panel = str | tuple[str, str]
+
+
+def _points(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+  return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+
+def _draw_panel(ax, records: list[dict[str, Any]], panel: Panel, flag_key: str | None) -> list:
+  """One key on `ax`, or two on twin y-axes (left, right) in distinct colours; vertical red lines
+  at the steps where `flag_key` is truthy. Returns the y-axes, one per key."""
+  keys = (panel,) if isinstance(panel, str) else panel
+  axes = [ax] + [ax.twinx() for _ in keys[1:]]
+  for i, (a, key) in enumerate(zip(axes, keys)):
+    pts = _points(records, key)
+    if not pts:
+      continue
+    color = f"C{i}"
+    a.plot([p[0] for p in pts], [p[1] for p in pts], color=color,
+           marker="." if len(pts) < 50 else None, label=key)
+    if len(keys) > 1:
+      a.set_ylabel(key, color=color)
+      a.tick_params(axis="y", colors=color)
+  flagged = [p[0] for p in _points(records, flag_key) if p[1]] if flag_key else []
+  for j, step in enumerate(flagged):
+    ax.axvline(step, color="red", alpha=0.4, lw=1, label=flag_key if j == 0 else None)
+  if flagged:
+    ax.legend(loc="lower right", fontsize="small")
+  ax.set_title(" / ".join(keys))
+  ax.set_xlabel("step")
+  ax.grid(alpha=0.3)
+  return axes
+
+
+def _save(fig, out_png: str, title: str) -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
   fig.savefig(out_png, dpi=90)
-  plt.close(fig)
   return out_png
+
+
+def plot_curves(records: Iterable[dict[str, Any]], panels: list[Panel], out_png: str,
+                title: str = "", flag_key: str | None = None) -> str | None:
+  """One panel per entry of `panels` (those with data) against `step`: a key, or a pair of keys
+  sharing the panel on two y-axes (e.g. the reward-model score and the gold score). Steps where
+  `flag_key` is truthy are marked on every panel. Returns the PNG path, or None without data."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  records = list(records)
+  panels = [p for p in panels
+            if any(_points(records, k) for k in ((p,) if isinstance(p, str) else p))]
+  if not panels:
+    return None
+  cols = min(3, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  for ax, panel in zip(axes.flat, panels):
+    _draw_panel(ax, records, panel, flag_key)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  out = _save(fig, out_png, title)
+  plt.close(fig)
+  return out
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], panel: Panel, out_png: str,
+              title: str = "", flag_key: str | None = None) -> str:
+  """The same panel for several runs side by side, one column per run titled by its name (e.g.
+  the default run and the `hacking` variant's reward-model and gold scores), each key on the same
+  y-range in every column so the runs compare at a glance. Returns the path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  if not runs:
+    raise ValueError("plot_runs needs at least one run")
+  fig, axes = plt.subplots(1, len(runs), figsize=(5.0 * len(runs), 3.4), squeeze=False)
+  drawn = []
+  for ax, (name, records) in zip(axes.flat, runs.items()):
+    drawn.append(_draw_panel(ax, list(records), panel, flag_key))
+    ax.set_title(name)
+  for same_key in zip(*drawn):
+    limits = [a.get_ylim() for a in same_key]
+    for a in same_key:
+      a.set_ylim(min(lo for lo, _ in limits), max(hi for _, hi in limits))
+  out = _save(fig, out_png, title)
+  plt.close(fig)
+  return out
 
 
 class Progress:

@@ -23,7 +23,8 @@ from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
 from rlhf_jax.trainers.sft import SFTConfig, train_sft
 
-PPO_PLOT_KEYS = ["raw_score_mean", "eval_reward", "gold_score", "kl", "entropy", "approx_kl",
+# The reward-model score and the gold score share a panel: their divergence is reward hacking.
+PPO_PLOT_KEYS = ["raw_score_mean", ("eval_reward", "gold_score"), "kl", "entropy", "approx_kl",
                  "clipfrac", "value_loss", "explained_variance", "eval_win_rate",
                  "response_length", "tokens_per_s"]
 
@@ -66,6 +67,9 @@ class ExperimentConfig:
     policy_path, reward_path: Local Hugging Face checkpoints; empty: the stage trains one (SFT
       from scratch with `model`, the reward model from the SFT policy's trunk).
     tokenizer_path: Default: the policy checkpoint's directory (or the built-in task's).
+    gold_judge: "package.module:function", a text -> score judge the policy never sees (logged as
+      gold_score, read by the reward-hacking monitor); empty: the built-in task's labeler
+      (`data.gold_score`), or none on your own data, where the monitor has KL and distinct-n only.
     model: The from-scratch architecture; vocab_size and the pad / EOS ids come from the
       tokenizer. Its dtype and param_dtype also apply to loaded checkpoints.
     sft, reward, ppo: The stages (`rlhf_jax.trainers`).
@@ -80,6 +84,7 @@ class ExperimentConfig:
   policy_path: str = ""
   reward_path: str = ""
   tokenizer_path: str = ""
+  gold_judge: str = ""
   model: models.DecoderConfig = models.DecoderConfig()
   sft: SFTConfig = SFTConfig()
   reward: RewardConfig = RewardConfig()
@@ -210,7 +215,8 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   value = (_load(config, reward_path, "scalar")
            if config.ppo.critic_impl.needs_value_model else None)
   reward_graphdef, reward_params = nnx.split(reward)
-  gold_fn = data_lib.gold_score if config.task.name == "default" else None
+  gold_fn = (evaluation.load_gold_judge(config.gold_judge) if config.gold_judge
+             else data_lib.gold_score if config.task.name == "default" else None)
   writer = MetricsWriter(paths.ppo, "metrics")
   trainer = PPOTrainer(
       config.ppo, policy, tokenizer, data_lib.load_prompts(config.prompts),
@@ -225,7 +231,8 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   _save(trainer.policy, tokenizer, paths.policy)
   if jax.process_index() == 0:
     records = read_jsonl(writer.path)
-    plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO")
+    plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO",
+                flag_key="reward_hacking")
     with open(os.path.join(paths.ppo, "samples.md"), "w") as f:
       f.write(evaluation.samples_table(final.get("samples", [])) + "\n")
   return final

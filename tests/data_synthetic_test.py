@@ -72,6 +72,36 @@ def test_gold_score_orders_sentiment():
     assert data.gold_score(text + " <eos> <pad> <pad>") == pytest.approx(_compound(text))
 
 
+def test_gold_score_is_vader_on_every_templated_completion(task):
+  texts = ([e.completion for e in task.sft] + [p.chosen for p in task.preferences]
+           + [p.rejected for p in task.preferences])
+  assert all(synthetic.grammatical(t) for t in texts)
+  assert [data.gold_score(t) for t in texts] == [_compound(t) for t in texts]
+
+
+@pytest.mark.parametrize("text", [
+    "was was was splendid was splendid felt splendid",   # the collapse seen with KL off
+    "splendid splendid splendid .",
+    "very good . very good .",                            # two sentences
+    "very good",                                          # no end
+    "very very good .",                                   # one modifier at most
+    "good and the plot felt great",
+    "good and the coffee felt great .",                   # "coffee" is a thing, not an aspect
+    "good <unk> .",
+    "",
+])
+def test_gold_score_rejects_what_the_templates_cannot_write(text):
+  assert not synthetic.grammatical(text)
+  assert data.gold_score(text) == synthetic.UNGRAMMATICAL_SCORE == -1.0
+
+
+def test_grammar_accepts_each_template_with_and_without_modifier():
+  for text in ["very wonderful and the plot felt dull !", "dull because the coffee was red .",
+               "not good , but the acting was great .", "slightly plain !", "  good   . "]:
+    assert synthetic.grammatical(text), text
+    assert data.gold_score(text) == _compound(" ".join(text.split()))
+
+
 def test_lexicon_classes():
   lexicon = VADER.lexicon
   assert all(lexicon[w] >= 1.0 for w in synthetic.POSITIVE_WORDS)

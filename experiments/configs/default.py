@@ -11,7 +11,9 @@ dataclasses is a flag under the same path (`--config.ppo.kl.init_coef=0.2`,
 docs are in those dataclasses. This file sets the default run's values on that tree.
 
 Variants: "default" (offline, 2 CPU cores, a few minutes), "smoke" (seconds; for tests),
-"grpo" (default with group-relative advantages, no critic).
+"grpo" (default with group-relative advantages, no critic), "hacking" (default without the KL
+penalty and with a larger learning rate: the policy games the reward model, the gold score falls
+and the reward-hacking monitor fires; the README's lesson).
 
 The built-in task (`task.name="default"`): a templated review/diary corpus from real English words;
 a simulated human labeler (the VADER lexicon, 7,500 human-rated words) prefers the more positive
@@ -73,6 +75,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     p.advantage.estimator = "grpo"
     p.policy_loss.name = "grpo"
     p.kl.update(in_reward=False, estimator="k3")
+  elif variant == "hacking":
+    p.kl.init_coef = 0.0
+    p.optim.learning_rate = 5e-4
+    p.eval_every = 5
   else:
-    raise ValueError(f"unknown config variant {variant!r} (default, smoke, grpo)")
+    raise ValueError(f"unknown config variant {variant!r} (default, smoke, grpo, hacking)")
   return c

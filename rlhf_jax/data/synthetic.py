@@ -13,8 +13,11 @@ model learns it on two CPU cores in minutes:
     completions finish the sentence ("very charming and the plot felt dull .").
     Each adjective slot draws its class uniformly from {positive, negative,
     neutral}, so demonstrations (and the SFT policy) are about neutral on average.
-  - Gold reward: `gold_score`, the VADER compound score of the completion, in
-    [-1, 1]. A policy that is aligned to the labeler picks positive words.
+  - Gold reward: `gold_score`, what a person reading the completion would give:
+    its VADER compound score in [-1, 1] when the templates' grammar accepts it
+    (`grammatical`), the lowest score, -1, when it does not. A policy aligned to
+    the labeler writes well-formed sentences with positive words; one that games
+    the reward model with positive words strung together scores -1.
   - Simulated human: `label_pairs` prefers completion a over b with probability
     sigmoid((gold(a) - gold(b)) / temperature), i.e. Bradley-Terry (Bradley &
     Terry 1952) with a temperature; the reward model has to undo this noise.
@@ -28,6 +31,7 @@ import dataclasses
 import functools
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -98,6 +102,7 @@ _TEMPLATES = (
     ("note : the {thing} in the {place} looked",
      "{mod} {adj} {end}"),
 )
+_END_WORDS = (".", "!")   # what "{end}" draws
 _MODIFIER_PROB = 0.5
 _EXCLAMATION_PROB = 0.25
 
@@ -134,7 +139,7 @@ class DefaultTaskFiles(NamedTuple):
 
 def vocabulary() -> list[str]:
   """Every word the templates can produce, sorted (special tokens excluded)."""
-  words = set(POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS + MODIFIER_WORDS + (".", "!"))
+  words = set(POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS + MODIFIER_WORDS + _END_WORDS)
   for slot_words in _SLOT_WORDS.values():
     words.update(slot_words)
   for template in itertools.chain.from_iterable(_TEMPLATES):
@@ -181,16 +186,56 @@ def _vader() -> Any:
   return vaderSentiment.SentimentIntensityAnalyzer()
 
 
+@functools.cache
+def _grammar() -> re.Pattern[str]:
+  """The completions the templates can produce, as one regular expression over their words,
+  each followed by a space: "{adj}" any positive, negative or neutral adjective, "{mod}" one
+  modifier or none, "{end}" "." or "!", "{aspect}" / "{thing}" their slot words, every other
+  template word itself."""
+  def one_of(words: Iterable[str]) -> str:
+    return "(?:" + "|".join(re.escape(w) for w in sorted(words)) + ") "
+  slots = {"{adj}": one_of(POSITIVE_WORDS + NEGATIVE_WORDS + NEUTRAL_WORDS),
+           "{mod}": "(?:" + one_of(MODIFIER_WORDS) + ")?",
+           "{end}": one_of(_END_WORDS),
+           "{aspect}": one_of(_SLOT_WORDS["{aspect}"]),
+           "{thing}": one_of(_SLOT_WORDS["{thing}"])}
+  return re.compile("|".join(
+      "".join(slots.get(token, re.escape(token) + " ") for token in template.split())
+      for _, template in _TEMPLATES))
+
+
+def grammatical(text: str) -> bool:
+  """Whether `text` (words separated by whitespace) is a completion the templates can produce.
+
+  A person reading the default task's completions would reject anything else: word salad,
+  repeated phrases, two sentences, a sentence without its end or with unknown words. The grammar
+  admits one sentence of at most two adjective slots, so it needs no separate repetition rule.
+  """
+  return _grammar().fullmatch(" ".join(text.split()) + " ") is not None
+
+
+UNGRAMMATICAL_SCORE = -1.0
+
+
 def gold_score(text: str) -> float:
-  """The simulated human's utility of a completion: its VADER compound score in [-1, 1].
+  """The simulated human's utility of a completion, in [-1, 1]:
+
+    gold(text) = VADER compound(text)  if `grammatical(text)`,
+                 -1 (`UNGRAMMATICAL_SCORE`, the worst review)  otherwise.
 
   compound = x / sqrt(x^2 + 15), x the sum of rule-adjusted word valences
   (Hutto & Gilbert 2014, "VADER: A Parsimonious Rule-based Model for Sentiment
-  Analysis of Social Media Text"). Special-token strings ("<eos>", ...) are
-  removed first, so decoded generations can be scored as they are.
+  Analysis of Social Media Text"). VADER alone rates words, not sentences: "was
+  splendid was splendid felt splendid" scores 0.91, as much as a glowing review, so
+  a policy that strings positive words together would look aligned to it. Every completion
+  of the templates (all demonstrations and all preference pairs) gets exactly its
+  VADER score. "<eos>" and "<pad>" are removed first, so decoded generations can be
+  scored as they are; "<unk>" is a word no template produces.
   """
-  words = [w for w in text.split() if w not in SPECIAL_TOKENS]
-  return float(_vader().polarity_scores(" ".join(words))["compound"])
+  words = " ".join(w for w in text.split() if w not in (EOS_TOKEN, PAD_TOKEN))
+  if not grammatical(words):
+    return UNGRAMMATICAL_SCORE
+  return float(_vader().polarity_scores(words)["compound"])
 
 
 def label_pairs(prompts: Sequence[str], completions_a: Sequence[str],
@@ -202,7 +247,8 @@ def label_pairs(prompts: Sequence[str], completions_a: Sequence[str],
   model assumes, Christiano et al. 2017): a is chosen with probability
     P(a > b) = sigmoid((gold_score(a) - gold_score(b)) / T).
   Small T gives near-perfect labels, large T near coin flips; equal scores are
-  a coin flip. One uniform draw per pair from `rng`.
+  a coin flip. One uniform draw per pair from `rng`. The task's pairs are all
+  templated, so their labels depend on VADER's score alone.
 
   Raises:
     ValueError: mismatched lengths, T <= 0, or a pair with identical completions.

@@ -2,8 +2,9 @@
 
 Each iteration: a batch of prompts -> completions -> scores and per-token rewards -> one PPO phase.
 Two jitted programs do all the work (collect = rollout + critic + score; update = ppo_update with the
-state donated); the host only feeds prompts and reads back metrics. Stops at `max_steps` or when the
-evaluated reward-model score reaches `reward_threshold`.
+state donated); the host only feeds prompts and reads back metrics. Stops at `max_steps`, once the
+evaluated reward-model score reaches `reward_threshold`, or (with `stop_on_hacking`) once the
+reward-hacking monitor fires.
 """
 
 import dataclasses
@@ -41,6 +42,8 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
     max_prompt_len: Prompts are left-padded / left-truncated to this many tokens.
     max_steps: Iteration budget.
     reward_threshold: Stop once the evaluated mean reward-model score (raw units) reaches this.
+    stop_on_hacking: Stop at the first evaluation where the reward-hacking monitor fires
+      (`evaluation.reward_hacking`); the last checkpoint is then the policy it judged.
     eval_every: Iterations between evaluations on held-out prompts (0: only at the end).
     num_eval_prompts: Held-out prompts per evaluation.
     num_samples_logged: Rows of the sample table written per evaluation.
@@ -62,6 +65,7 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
   max_prompt_len: int = 16
   max_steps: int = 20_000
   reward_threshold: float | None = None
+  stop_on_hacking: bool = False
   eval_every: int = 10
   num_eval_prompts: int = 64
   num_samples_logged: int = 8
@@ -277,7 +281,7 @@ class PPOTrainer:
 
   def evaluate(self, step: int) -> dict[str, Any]:
     """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score,
-    samples and the reward-hacking verdict over this run's evaluations."""
+    samples and the reward-hacking monitor's verdict and signals over this run's evaluations."""
     key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
     ro, ref_ro, raw, ref_raw, m = jax.device_get(self._eval_rollouts(
         self.state.params["policy"], self.ref_params, self.reward_params,
@@ -285,19 +289,21 @@ class PPOTrainer:
     texts = evaluation.completion_texts(self.tokenizer, ro.completion_ids, ro.completion_mask)
     gold = ref_gold = None
     if self.gold_fn is not None:
-      gold = evaluation.gold_score(self.gold_fn, texts)
-      ref_gold = evaluation.gold_score(self.gold_fn, evaluation.completion_texts(
+      gold = evaluation.gold_scores(self.gold_fn, texts)
+      ref_gold = evaluation.gold_scores(self.gold_fn, evaluation.completion_texts(
           self.tokenizer, ref_ro.completion_ids, ref_ro.completion_mask))
     out: dict[str, Any] = evaluation.eval_metrics(
-        raw, ref_raw, m, evaluation.valid_rows(ro.completion_ids, ro.completion_mask), gold,
-        ref_gold)
+        raw, ref_raw, m, evaluation.valid_rows(ro.completion_ids, ro.completion_mask),
+        evaluation.valid_rows(ref_ro.completion_ids, ref_ro.completion_mask), gold, ref_gold)
     prompts = self.tokenizer.batch_decode(evaluation.valid_rows(ro.prompt_ids, ro.prompt_mask))
     out["samples"] = evaluation.sample_rows(prompts, texts, raw, self.cfg.num_samples_logged)
     self.eval_history.append(out)
     verdict = evaluation.reward_hacking(self.eval_history)
-    out["reward_hacking"] = int(verdict.flag)
+    out.update(verdict.signals, reward_hacking=int(verdict.flag))
     if verdict.flag:
-      logging.warning("possible reward hacking: %s", verdict.reason)
+      logging.warning("possible reward hacking at step %d: %s", step, verdict.reason)
+    else:
+      logging.info("reward-hacking monitor at step %d: quiet; %s", step, verdict.reason)
     if self.writer is not None:
       self.writer.write_text(step, "eval_samples", evaluation.samples_table(out["samples"]))
     return out
@@ -351,8 +357,9 @@ class PPOTrainer:
                       force=step == 1)
       reached = bool(cfg.reward_threshold is not None and last_eval
                      and last_eval["eval_reward"] >= cfg.reward_threshold)
+      hacked = bool(cfg.stop_on_hacking and eval_step == step and last_eval["reward_hacking"])
       preempted = preemption.requested()
-      self._checkpoint(step, force=reached or preempted or step == cfg.max_steps,
+      self._checkpoint(step, force=reached or hacked or preempted or step == cfg.max_steps,
                        last_eval=last_eval, last_eval_step=eval_step,
                        nonfinite_streak=nonfinite.streak)
       if preempted:
@@ -361,6 +368,10 @@ class PPOTrainer:
       if reached:
         logging.info("eval reward %.4f reached the threshold %.4f at step %d",
                      last_eval["eval_reward"], cfg.reward_threshold, step)
+        break
+      if hacked:
+        logging.warning("stopping at step %d: the reward-hacking monitor fired "
+                        "(stop_on_hacking)", step)
         break
     return step, last_eval, eval_step
 
