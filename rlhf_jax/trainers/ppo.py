@@ -149,7 +149,9 @@ class PPOTrainer:
         collect, self.algo, ref_graphdef=self.ref_graphdef, reward_fn=reward_fn)))
     self._update = on_mesh(jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                                    out_shardings=(self.state_shardings, None)))
-    self._eval_rollouts = on_mesh(jax.jit(self._eval_impl))
+    # Replicated outputs: every process decodes all evaluation rows on the host.
+    self._eval_rollouts = on_mesh(jax.jit(self._eval_impl,
+                                          out_shardings=sharding_lib.replicated(self.mesh)))
     self.history: list[dict[str, Any]] = []
     self.eval_history: list[dict[str, Any]] = []
     self.checkpointer = None
