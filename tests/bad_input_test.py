@@ -116,6 +116,10 @@ CASES = [
      "top_p must be in (0, 1], got 0.0"),
     ("zero_temperature", lambda t, i: {"ppo.sampling.temperature": 0.0},
      "temperature must be > 0"),
+    ("bad_frozen_dtype", lambda t, i: {"ppo.frozen_param_dtype": "bf17"},
+     "frozen_param_dtype 'bf17' is not a dtype"),
+    ("zero_logits_chunk", lambda t, i: {"model.logits_chunk_size": 0},
+     "logits_chunk_size must be >= 1"),
     ("mesh_vs_devices", lambda t, i: {"mesh_shape": "(3,1,1)"}, "needs 3 devices, but 8 are available"),
     ("sft_example_without_completion", lambda t, i: {"sft_data": _write(
         t / "sft.jsonl", '{"prompt": "good"}\n')}, "'completion'"),

@@ -189,11 +189,11 @@ class PPOTrainer:
     self.ref_graphdef, ref_params = nnx.split(ref_policy)
     state = ppo_lib.init_train_state(self.algo, policy, make_optimizer(self.cfg.optimizer),
                                      jax.random.key(self.cfg.seed), value_model)
-    # Copies: the state's buffers are donated to every update, the frozen models' never are.
-    self.ref_params = sharding_lib.put(self._frozen(ref_params),
+    # A copy: the state's buffers are donated to every update, the reference's never are.
+    self.ref_params = sharding_lib.put(self._frozen(ref_params, copy=True),
                                        sharding_lib.param_shardings(ref_params, self.mesh))
     if isinstance(reward_params, nnx.State):   # a reward model
-      reward_params = sharding_lib.put(self._frozen(reward_params),
+      reward_params = sharding_lib.put(self._frozen(reward_params, copy=False),
                                        sharding_lib.param_shardings(reward_params, self.mesh))
     elif reward_params is not None:            # a rule's own pytree, left as it is
       reward_params = sharding_lib.put(reward_params, sharding_lib.replicated(self.mesh))
@@ -203,14 +203,16 @@ class PPOTrainer:
     # Replicated like the calibrated and the restored norms, so collect compiles once per run.
     self.reward_norm = self._replicated(RewardNorm.identity())
 
-  def _frozen(self, params):
-    """A copy of frozen weights, floating-point leaves in `frozen_param_dtype` when set."""
-    dtype = self.cfg.frozen_param_dtype
-    def cast(x):
-      if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.asarray(x, dtype)
-      return jnp.copy(x)
-    return jax.tree.map(cast, params)
+  def _frozen(self, params, copy: bool):
+    """Frozen weights with floating-point leaves in `frozen_param_dtype` when set; a new buffer
+    for every leaf that is cast, or for all of them with `copy` (`jnp.array` always copies,
+    `asarray` to the same dtype would hand back the donated buffer itself)."""
+    def one(x):
+      dtype = x.dtype
+      if self.cfg.frozen_param_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+        dtype = jnp.dtype(self.cfg.frozen_param_dtype)
+      return jnp.array(x, dtype) if copy or dtype != x.dtype else x
+    return jax.tree.map(one, params)
 
   def _run_collect(self, ids, mask, key, reward_norm=None) -> tuple[Any, dict[str, jax.Array]]:
     return self._collect(self.state, ids, mask, key, ref_params=self.ref_params,
