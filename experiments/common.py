@@ -64,21 +64,43 @@ def setup() -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+# Exit status of bad input or a bad environment (a wrong value, a missing or unreadable file, a
+# gold judge that does not import, a full disk); any other exception is a failure of the run.
+BAD_INPUT_STATUS = 2
+FAILURE_STATUS = 1
+_BAD_INPUT = (ValueError, KeyError, OSError, FloatingPointError, ImportError)
+
+
+def error_line(e: BaseException) -> str:
+  """`error: <type>: <message>` on one line (a multi-line message is joined)."""
+  message = " ".join(str(e).split()) or "(no message)"
+  return f"error: {type(e).__name__}: {message}"
+
+
 def guard(main):
-  """Bad input (ValueError, FileNotFoundError, ...) ends the run with one line naming the
-  problem and exit status 2, instead of a traceback. Preemption (SIGTERM / SIGINT, after the
-  final checkpoint) exits with 128 + the signal number (143 / 130): rerun to resume."""
+  """Every failure ends the run with one `error:` line and a non-zero exit instead of a
+  traceback (set RLHF_JAX_TRACEBACK=1 for it): status 2 for bad input (ValueError, missing or
+  unreadable files, ...), 1 for any other exception, 130 for Ctrl-C outside a stage that checkpoints
+  on it. Preemption (SIGTERM / SIGINT, after the final checkpoint) exits with 128 + the signal
+  number (143 / 130): rerun to resume."""
   def wrapped(argv):
     try:
       return main(argv)
     except faults.Preempted as e:
       print(e, file=sys.stderr)
       sys.exit(e.exit_code)
-    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
+    except KeyboardInterrupt:
       if os.environ.get("RLHF_JAX_TRACEBACK"):
         raise
-      print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-      sys.exit(2)
+      print("error: interrupted (KeyboardInterrupt)", file=sys.stderr)
+      sys.exit(130)
+    except Exception as e:   # pylint: disable=broad-except
+      if os.environ.get("RLHF_JAX_TRACEBACK"):
+        raise
+      bad_input = isinstance(e, _BAD_INPUT)
+      hint = "" if bad_input else " (RLHF_JAX_TRACEBACK=1 shows the traceback)"
+      print(error_line(e) + hint, file=sys.stderr)
+      sys.exit(BAD_INPUT_STATUS if bad_input else FAILURE_STATUS)
   return wrapped
 
 

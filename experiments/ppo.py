@@ -9,7 +9,7 @@ r"""Stage 3 alone: PPO from an SFT policy against a reward model; writes <workdi
 import json
 
 from experiments import common
-from rlhf_jax import pipeline
+from rlhf_jax import pipeline, preflight
 from rlhf_jax.config_tree import from_config_dict
 
 _CONFIG, _WORKDIR = common.define_flags()
@@ -21,6 +21,7 @@ def main(argv):
   config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
   if not (config.policy_path and config.reward_path):
     raise ValueError("set --config.policy_path and --config.reward_path (Hugging Face checkpoints)")
+  preflight.check_run(config, _WORKDIR.value, ("ppo",))
   paths = pipeline.Paths(_WORKDIR.value)
   config = pipeline.prepare_default_task(config, paths)
   final = pipeline.run_ppo(config, paths, config.policy_path, config.reward_path)

@@ -6,7 +6,7 @@ r"""Stage 2 alone: Bradley-Terry reward model; writes <workdir>/reward.
 """
 
 from experiments import common
-from rlhf_jax import pipeline
+from rlhf_jax import pipeline, preflight
 from rlhf_jax.config_tree import from_config_dict
 
 _CONFIG, _WORKDIR = common.define_flags()
@@ -18,6 +18,7 @@ def main(argv):
   config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
   if not config.policy_path:
     raise ValueError("set --config.policy_path to the SFT checkpoint the reward model starts from")
+  preflight.check_run(config, _WORKDIR.value, ("reward",))
   paths = pipeline.Paths(_WORKDIR.value)
   config = pipeline.prepare_default_task(config, paths)
   print(pipeline.run_reward(config, paths, config.policy_path))

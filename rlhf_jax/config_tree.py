@@ -14,6 +14,9 @@ How a field's type hint shapes its ConfigDict entry, so that config_flags picks 
                             literal (`--config.model.eos_token_id='(2, 3)'`, `=2`, `=None`) and
                             checked against the hint here
   `float` holding an int -> the float, so a fractional override parses
+  a None default that     -> None (its placeholder): the value stays derived, so it follows
+  `__post_init__` filled     the fields it comes from (`--config.model.model_type=gpt2` brings
+  in                         GPT-2's norm, positions, ...); an override still wins
   anything else          -> the value itself (tuples stay tuples: `--config.mesh_shape='(2,2,2)'`)
 """
 
@@ -46,9 +49,21 @@ def to_config_dict(obj) -> config_dict.ConfigDict:
   if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
     raise TypeError(f"to_config_dict needs a dataclass instance, got {obj!r}")
   c = config_dict.ConfigDict()
+  defaults = {f.name: f.default for f in dataclasses.fields(obj)}
   for name, hint in _hints(type(obj)).items():
-    c[name] = _to_entry(getattr(obj, name), hint, f"{type(obj).__name__}.{name}")
+    value = getattr(obj, name)
+    if defaults[name] is None and value is not None and _derived(obj, name):
+      value = None
+    c[name] = _to_entry(value, hint, f"{type(obj).__name__}.{name}")
   return c
+
+
+def _derived(obj, name: str) -> bool:
+  """Whether field `name` of `obj` holds what its __post_init__ derives when it is None."""
+  try:
+    return dataclasses.replace(obj, **{name: None}) == obj
+  except (ValueError, TypeError):
+    return False
 
 
 def _to_entry(value, hint, where: str):
@@ -71,7 +86,8 @@ def _to_entry(value, hint, where: str):
 def from_config_dict(cls, cd: Mapping, path: str = "--config"):
   """The `cls` instance a ConfigDict (or dict) tree describes; fields it lacks keep their
   defaults. Raises ValueError naming the dotted path (`--config.ppo.kl.bogus`) of an unknown key
-  or a value of the wrong type, at any depth."""
+  or a value of the wrong type, at any depth, and prefixes a value `cls.__post_init__` rejects
+  with the path of its dataclass (`--config.sft.optim: learning_rate must be ...`)."""
   hints = _hints(cls)
   kwargs = {}
   for name in cd.keys():
@@ -79,7 +95,10 @@ def from_config_dict(cls, cd: Mapping, path: str = "--config"):
     if name not in hints:
       raise ValueError(f"unknown config field {where}")
     kwargs[name] = _from_entry(cd[name], hints[name], where)
-  return cls(**kwargs)
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    raise type(e)(f"{path}: {e}") from None
 
 
 class _Mismatch(Exception):

@@ -1,8 +1,11 @@
 """Optax optimizers built from a typed config."""
 
 import dataclasses
+import math
 
 import optax
+
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,19 +33,37 @@ class OptimConfig:
   eps: float = 1e-5
   max_grad_norm: float = 1.0
 
+  def __post_init__(self):
+    # A NaN learning rate trains silently into NaN weights; reject every value the update
+    # cannot use before anything runs.
+    if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+      raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"unknown schedule {self.schedule!r} ({', '.join(SCHEDULES)})")
+    if self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+    if self.total_steps is not None and self.total_steps < 1:
+      raise ValueError(f"total_steps must be >= 1 or unset, got {self.total_steps}")
+    if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+      raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+    for name in ("b1", "b2"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+    if not (math.isfinite(self.eps) and self.eps > 0):
+      raise ValueError(f"eps must be finite and > 0, got {self.eps}")
+    if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+      raise ValueError(f"max_grad_norm must be finite and >= 0 (0: off), got "
+                       f"{self.max_grad_norm}")
+
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
   if cfg.total_steps is None and (cfg.schedule != "constant" or cfg.warmup_steps > 0):
     raise ValueError(f"schedule {cfg.schedule!r} needs OptimConfig.total_steps")
   decay_steps = max((cfg.total_steps or 0) - cfg.warmup_steps, 1)
-  if cfg.schedule == "constant":
-    main = optax.constant_schedule(cfg.learning_rate)
-  elif cfg.schedule == "linear":
-    main = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
-  elif cfg.schedule == "cosine":
-    main = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps)
-  else:
-    raise ValueError(f"unknown schedule {cfg.schedule!r} (constant, linear, cosine)")
+  main = {"constant": lambda: optax.constant_schedule(cfg.learning_rate),
+          "linear": lambda: optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps),
+          "cosine": lambda: optax.cosine_decay_schedule(cfg.learning_rate, decay_steps),
+          }[cfg.schedule]()
   if cfg.warmup_steps <= 0:
     return main
   warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)

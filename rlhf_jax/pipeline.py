@@ -16,7 +16,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import evaluation, models, sharding
+from rlhf_jax import evaluation, models, preflight, sharding
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
@@ -51,6 +51,11 @@ class TaskConfig:
   def __post_init__(self):
     if self.name not in ("default", ""):
       raise ValueError(f"unknown task {self.name!r}: use 'default' or '' with data paths")
+    for name in ("seed", "num_sft", "num_pairs", "num_prompts"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if not 0 < self.label_temperature < float("inf"):
+      raise ValueError(f"label_temperature must be finite and > 0, got {self.label_temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,15 +138,10 @@ def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentCo
 
 
 def load_tokenizer(config: ExperimentConfig):
-  from transformers import AutoTokenizer
   path = config.tokenizer_path or config.policy_path
   if not path:
     raise ValueError("no tokenizer: set --config.tokenizer_path or --config.policy_path")
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
-  tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-  data_lib.check_tokenizer(tok)
-  return tok
+  return data_lib.load_tokenizer(path)
 
 
 def _load(config: ExperimentConfig, path: str, kind: str):
@@ -196,7 +196,8 @@ def run_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
   writer.write(history[-1]["step"] if history else 0,
                {f"final_eval_{k}": v for k, v in eval_metrics.items()})
   writer.close()
-  logging.info("reward model held-out accuracy: %.4f", eval_metrics["accuracy"])
+  if eval_metrics:   # none with reward.eval_fraction=0
+    logging.info("reward model held-out accuracy: %.4f", eval_metrics["accuracy"])
   _save(model, tokenizer, paths.reward)
   return paths.reward
 
@@ -238,15 +239,23 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   return final
 
 
+def stages(config: ExperimentConfig) -> tuple[str, ...]:
+  """The stages `run_all` runs: SFT unless a policy is given (and no SFT data of your own),
+  the reward model unless one is given, PPO."""
+  sft = not config.policy_path or (config.sft_data and config.task.name != "default")
+  return ("sft",) * bool(sft) + ("reward",) * (not config.reward_path) + ("ppo",)
+
+
 def run_all(config: ExperimentConfig, workdir: str) -> dict:
-  """SFT -> reward model -> PPO, skipping stages whose checkpoint the config provides."""
+  """SFT -> reward model -> PPO, skipping stages whose checkpoint the config provides; every
+  stage's inputs are checked (`preflight.check_run`) before the first writes anything."""
+  run = stages(config)
+  preflight.check_run(config, workdir, run)
   paths = Paths(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = prepare_default_task(config, paths)
-  policy_path = config.policy_path
-  if not policy_path or (config.sft_data and config.task.name != "default"):
-    policy_path = run_sft(config, paths)
-  reward_path = config.reward_path or run_reward(config, paths, policy_path)
+  policy_path = run_sft(config, paths) if "sft" in run else config.policy_path
+  reward_path = run_reward(config, paths, policy_path) if "reward" in run else config.reward_path
   final = run_ppo(config, paths, policy_path, reward_path)
   logging.info("final evaluation: %s", {k: v for k, v in final.items() if k != "samples"})
   return final

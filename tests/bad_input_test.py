@@ -1,11 +1,14 @@
 """Malformed inputs through the command line (`experiments.rlhf`, flags parsed as `app.run` does):
-each ends with exit status 2 and one `error:` line naming the problem, no traceback, and nothing
-written to the workdir beyond logs.
+each ends with exit status 2 and one `error:` line naming the problem, no traceback, the files an
+earlier run left in the workdir unchanged byte for byte, and nothing new there beyond logs. The
+settings of later stages fail before the first stage trains (`rlhf_jax.preflight`), so no case
+trains anything.
 
 The mains run in-process (one interpreter for the whole table) rather than as subprocesses,
 which would spend ~10 s each on imports.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +66,42 @@ def _other_runs_checkpoint(workdir) -> dict:
   ckpt.save(1, state, {})
   ckpt.wait()
   return {}
+
+
+# The built-in task with a policy and reward model trained in this run: a case's bad setting must
+# fail before SFT trains (or anything is written).
+SCRATCH = {"task.name": "default", "policy_path": "", "reward_path": "", "tokenizer_path": "",
+           "prompts": "", "eval_prompts": ""}
+
+
+def _scratch(**overrides) -> dict:
+  return {**SCRATCH, **overrides}
+
+
+def _truncated(src: str, dst, name: str) -> str:
+  """A copy of directory `src` whose file `name` lost its second half."""
+  shutil.copytree(src, dst)
+  path = os.path.join(dst, name)
+  with open(path, "rb") as f:
+    content = f.read()
+  _write(path, content[:len(content) // 2])
+  return str(dst)
+
+
+def _long_sft(t) -> str:
+  return _write(t / "sft.jsonl", json.dumps({"prompt": "good", "completion": " ".join(
+      ["nice"] * 30)}) + "\n")
+
+
+def _one_sft_example(t) -> dict:
+  """An SFT stage of one demonstration (it trains from --config.policy_path)."""
+  return {"sft_data": _write(t / "sft.jsonl", '{"prompt": "good", "completion": "nice"}\n'),
+          "sft.batch_size": 1, "sft.eval_fraction": 0.0}
+
+
+def _long_prefs(t) -> str:
+  return _write(t / "prefs.jsonl", json.dumps({"prompt": "good", "chosen": "nice",
+                                               "rejected": " ".join(["bad"] * 30)}) + "\n")
 
 
 # (case id, setup(tmp_path, inputs) -> config overrides, expected fragment of the error line)
@@ -127,6 +166,84 @@ CASES = [
         t / "prefs.jsonl", '{"prompt": "a", "chosen": "good"}\n')}, "'rejected'"),
     ("other_runs_checkpoint", lambda t, i: _other_runs_checkpoint(t / "work"),
      "does not match this run"),
+    # Each stage's settings, checked before SFT trains: one dataclass each ...
+    ("nan_sft_learning_rate", lambda t, i: _scratch(**{"sft.optim.learning_rate": "nan"}),
+     "--config.sft.optim: learning_rate must be finite and > 0, got nan"),
+    ("zero_ppo_learning_rate", lambda t, i: _scratch(**{"ppo.optim.learning_rate": 0.0}),
+     "--config.ppo.optim: learning_rate must be finite and > 0, got 0.0"),
+    ("unknown_schedule", lambda t, i: _scratch(**{"reward.optim.schedule": "cosin"}),
+     "--config.reward.optim: unknown schedule 'cosin'"),
+    ("negative_sft_batch", lambda t, i: _scratch(**{"sft.batch_size": -4}),
+     "--config.sft: batch_size must be >= 1, got -4"),
+    ("negative_ppo_batch", lambda t, i: _scratch(**{"ppo.batch_size": -8}),
+     "--config.ppo: batch_size must be >= 1, got -8"),
+    ("eval_fraction_out_of_range", lambda t, i: _scratch(**{"reward.eval_fraction": 1.5}),
+     "--config.reward: eval_fraction must be in [0, 1), got 1.5"),
+    ("nan_center_coef", lambda t, i: _scratch(**{"reward.center_coef": "nan"}),
+     "--config.reward: center_coef must be >= 0"),
+    ("keep_no_checkpoints", lambda t, i: _scratch(**{"ppo.keep_checkpoints": 0}),
+     "--config.ppo: keep_checkpoints must be >= 1, got 0"),
+    ("zero_max_steps", lambda t, i: _scratch(**{"ppo.max_steps": 0}),
+     "--config.ppo: max_steps must be >= 1, got 0"),
+    ("threshold_without_evaluation", lambda t, i: _scratch(**{"ppo.reward_threshold": 1.0,
+                                                              "ppo.eval_every": 0}),
+     "reward_threshold is checked at evaluations: it needs eval_every > 0"),
+    ("zero_layers", lambda t, i: _scratch(**{"model.num_layers": 0}),
+     "--config.model: num_layers must be >= 1, got 0"),
+    ("negative_task_size", lambda t, i: _scratch(**{"task.num_pairs": -1}),
+     "--config.task: num_pairs must be >= 0, got -1"),
+    # ... and across stages, the tokenizer, the checkpoints and the data.
+    ("top_k_above_vocab", lambda t, i: _scratch(**{"ppo.sampling.top_k": 100_000}),
+     "--config.ppo.sampling.top_k=100000 exceeds the policy's vocabulary"),
+    ("sft_max_len_above_positions", lambda t, i: _scratch(**{"sft.max_len": 65}),
+     "--config.sft.max_len=65 exceeds the model's positions: 64 "
+     "(--config.model.max_position_embeddings)"),
+    ("reward_max_len_above_positions", lambda t, i: _scratch(**{"reward.max_len": 100}),
+     "--config.reward.max_len=100 exceeds the model's positions"),
+    ("ppo_lengths_above_positions_before_sft", lambda t, i: _scratch(**{
+        "ppo.max_prompt_len": 61}), "exceeds the policy's max_position_embeddings = 64"),
+    ("too_few_sft_rows", lambda t, i: _scratch(**{"task.num_sft": 20}),
+     "--config.sft: 19 training rows (of 20, after the eval_fraction=0.05 split) are fewer than "
+     "batch_size=32"),
+    ("too_few_task_prompts", lambda t, i: _scratch(**{"task.num_prompts": 4}),
+     "--config.task.num_prompts=4 prompts cannot fill one batch of --config.ppo.batch_size=8"),
+    ("bad_prompts_before_sft", lambda t, i: _scratch(prompts=_write(
+        t / "p.jsonl", '{"prompt": "good"}\n{"pro')), "line 2"),
+    ("missing_gold_judge_module", lambda t, i: _scratch(gold_judge="no_such_judge_mod:score"),
+     "No module named 'no_such_judge_mod'"),
+    ("own_task_without_sft_data", lambda t, i: {"policy_path": "", "reward_path": ""},
+     "--config.sft_data is empty"),
+    ("gpt2_from_scratch_with_gqa", lambda t, i: _scratch(**{"model.model_type": "gpt2"}),
+     "--config.model: model_type='gpt2' has no grouped-query attention: num_kv_heads=1 must "
+     "equal num_heads=2"),
+    ("qwen3_without_qk_norm", lambda t, i: _scratch(**{"model.model_type": "qwen3",
+                                                       "model.qk_norm": False}),
+     "model_type='qwen3' cannot be exported with qk_norm=False"),
+    ("causal_lm_as_reward_model", lambda t, i: {"reward_path": i["policy_path"]},
+     "is a causal LM, not a reward model"),
+    ("reward_model_as_policy", lambda t, i: {"policy_path": i["reward_path"]},
+     "is a reward model (*ForSequenceClassification)"),
+    ("tokenizer_without_vocabulary", lambda t, i: {"tokenizer_path": _copy_model(
+        i["tokenizer_path"], t / "tok", drop="tokenizer.json")},
+     "no tokenizer vocabulary (none of tokenizer.json"),
+    ("truncated_tokenizer_json", lambda t, i: {"tokenizer_path": _truncated(
+        i["tokenizer_path"], t / "tok", "tokenizer.json")},
+     "tok/tokenizer.json: not valid JSON"),
+    ("truncated_tokenizer_config", lambda t, i: {"tokenizer_path": _truncated(
+        i["tokenizer_path"], t / "tok", "tokenizer_config.json")},
+     "tok/tokenizer_config.json: not valid JSON"),
+    ("missing_tokenizer_config", lambda t, i: {"tokenizer_path": _copy_model(
+        i["tokenizer_path"], t / "tok", drop="tokenizer_config.json")},
+     "tok/tokenizer_config.json: missing"),
+    ("truncated_reward_safetensors_before_sft", lambda t, i: {
+        **_one_sft_example(t), "reward_path": _truncated(i["reward_path"], t / "rm", "model.safetensors")},
+     "corrupt or unreadable safetensors"),
+    ("overlong_sft_completion", lambda t, i: {"sft_data": _long_sft(t), "sft.max_len": 16},
+     "set --config.sft.max_len higher (at most the model's positions, 16"),
+    ("overlong_preference_before_sft", lambda t, i: {
+        **_one_sft_example(t), "preferences": _long_prefs(t), "reward_path": "", "sft.max_len": 16,
+        "reward.max_len": 16}, "or --config.reward.drop_overlong=True"),
+    ("workdir_is_a_file", lambda t, i: {"__workdir_file": True}, "FileExistsError"),
 ]
 
 
@@ -136,7 +253,7 @@ def _argv(workdir, overrides: dict) -> list[str]:
           + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-def _run_cli(argv: list[str], monkeypatch) -> int:
+def _run_cli(argv: list[str], monkeypatch, main=rlhf_main.main) -> int:
   """What `common.run(main)` does under `app.run`: parse the flags, then the guarded main."""
   # A fresh process's flags: the --config.* override flags are defined by each parse.
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
@@ -145,38 +262,70 @@ def _run_cli(argv: list[str], monkeypatch) -> int:
   monkeypatch.setattr(sys, "argv", argv)   # ml_collections reads config overrides from sys.argv
   try:
     common.parse_flags(argv)
-    common.guard(rlhf_main.main)(argv)
+    common.guard(main)(argv)
   except SystemExit as e:
     return e.code
   return 0
 
 
-def _written(workdir) -> list[str]:
-  if not os.path.isdir(workdir):
+def _earlier_run(workdir) -> None:
+  """Files an earlier run left in the workdir (none of them a stage's inputs)."""
+  for rel, content in (("notes.txt", "the earlier run\n"), ("sft/earlier.bin", b"\x00\x01"),
+                       ("reward/earlier.bin", b"\x02"), ("ppo/metrics.jsonl", '{"step": 1}\n')):
+    os.makedirs(os.path.dirname(os.path.join(workdir, rel)) or workdir, exist_ok=True)
+    _write(os.path.join(workdir, rel), content)
+
+
+def _hashes(workdir) -> dict[str, str]:
+  """sha256 of every file under `workdir` (or of `workdir` itself when it is a file)."""
+  if os.path.isfile(workdir):
+    return {".": hashlib.sha256(open(workdir, "rb").read()).hexdigest()}
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "rb") as fh:
+        out[os.path.relpath(path, workdir)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def _new(workdir, before: dict[str, str]) -> list[str]:
+  """Files and empty directories that are new since `before`, logs excepted."""
+  if os.path.isfile(workdir):
     return []
   out = []
   for root, dirs, files in os.walk(workdir):
     rel = os.path.relpath(root, workdir)
     if any(part in LOGS for part in rel.split(os.sep)):
       continue
-    out += [os.path.join(rel, f) for f in files if f not in LOGS]
+    out += [p for p in (os.path.normpath(os.path.join(rel, f)) for f in files if f not in LOGS)
+            if p not in before]
     out += [os.path.join(rel, d) for d in dirs if d not in LOGS and not os.listdir(
         os.path.join(root, d))]
   return sorted(out)
+
+
+def assert_one_error(code: int, err: str, expected: str) -> None:
+  error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert code == 2, err[-2000:]
+  assert len(error_lines) == 1 and expected in error_lines[0], err[-2000:]
+  assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("case, setup, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_clear_error(case, setup, expected, inputs, tmp_path, capsys,
                                          monkeypatch):
   workdir = tmp_path / "work"
-  overrides = {**inputs, **tiny_ppo.ppo_overrides(2)}
+  overrides = {**inputs, **tiny_ppo.ppo_overrides(2), "sft.max_len": 16, "reward.max_len": 16}
   overrides.update(setup(tmp_path, inputs))
-  before = _written(workdir)
+  if overrides.pop("__workdir_file", False):
+    _write(workdir, "a file where the workdir should be\n")
+  else:
+    _earlier_run(workdir)
+  before = _hashes(workdir)
   capsys.readouterr()
   code = _run_cli(_argv(workdir, overrides), monkeypatch)
-  err = capsys.readouterr().err
-  error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
-  assert code == 2, err[-2000:]
-  assert len(error_lines) == 1 and expected in error_lines[0], err[-2000:]
-  assert "Traceback" not in err
-  assert _written(workdir) == before, case
+  assert_one_error(code, capsys.readouterr().err, expected)
+  after = _hashes(workdir)
+  assert {k: after.get(k) for k in before} == before, case
+  assert _new(workdir, before) == [], case

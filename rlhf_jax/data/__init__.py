@@ -26,3 +26,4 @@ from rlhf_jax.data.tokenize import encode_prompts
 from rlhf_jax.data.tokenize import EncodedCompletions
 from rlhf_jax.data.tokenize import EncodedPreferences
 from rlhf_jax.data.tokenize import EncodedPrompts
+from rlhf_jax.data.tokenize import load_tokenizer

@@ -16,6 +16,8 @@ All arrays are int32 with 1 = real token in masks. Works with any
 `transformers` tokenizer (PreTrainedTokenizerFast / TokenizersBackend).
 """
 
+import json
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -74,6 +76,43 @@ class EncodedPreferences(NamedTuple):
   kept: np.ndarray
   num_dropped: int
   num_truncated: int
+
+
+# JSON files a Hugging Face tokenizer directory may hold, and the files of its vocabulary.
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json")
+_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+
+
+def load_tokenizer(path: str) -> Any:
+  """The transformers tokenizer saved in directory `path`, checked by `check_tokenizer`.
+
+  A missing directory, a missing vocabulary or special-token file, and a truncated or corrupt
+  JSON file each raise naming the file (transformers' own errors name neither).
+  """
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+  for name in _TOKENIZER_JSON:
+    file = os.path.join(path, name)
+    if os.path.isfile(file):
+      try:
+        with open(file, encoding="utf-8") as f:
+          json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: not valid JSON ({e}); the file is truncated or corrupt") from None
+  if not any(os.path.isfile(os.path.join(path, f)) for f in _VOCAB_FILES):
+    raise DataError(f"{path}: no tokenizer vocabulary (none of {', '.join(_VOCAB_FILES)})")
+  if not any(os.path.isfile(os.path.join(path, f))
+             for f in ("tokenizer_config.json", "special_tokens_map.json")):
+    raise DataError(f"{os.path.join(path, 'tokenizer_config.json')}: missing (it names the pad "
+                    "and EOS tokens)")
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+  except Exception as e:   # transformers raises many types, none naming the file
+    raise DataError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+  check_tokenizer(tokenizer)
+  return tokenizer
 
 
 def check_tokenizer(tokenizer: Any) -> None:

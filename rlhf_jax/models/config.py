@@ -14,6 +14,35 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
 
+# The switches each family's Hugging Face config implies (transformers' config defaults): what a
+# `DecoderConfig` field left at None takes from its `model_type`.
+_ROPE_FAMILY = dict(norm="rmsnorm", norm_eps=1e-6, activation="silu", gated_mlp=True,
+                    positions="rope", qkv_bias=False, out_bias=False, mlp_bias=False,
+                    qk_norm=False, tie_word_embeddings=False)
+FAMILY_DEFAULTS = {
+    "gpt2": dict(norm="layernorm", norm_eps=1e-5, activation="gelu_new", gated_mlp=False,
+                 positions="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
+                 qk_norm=False, tie_word_embeddings=True),
+    "llama": _ROPE_FAMILY,
+    "qwen2": dict(_ROPE_FAMILY, qkv_bias=True),
+    "qwen3": dict(_ROPE_FAMILY, qk_norm=True),
+}
+# What each family's config.json can express: every switch it fixes, and the values its free
+# ones may take (llama's attention_bias sets q/k/v and output biases together).
+_EXPORTABLE = {
+    "gpt2": dict(norm=("layernorm",), activation=("gelu_new", "gelu"), gated_mlp=(False,),
+                 positions=("learned",), qkv_bias=(True,), out_bias=(True,), mlp_bias=(True,),
+                 qk_norm=(False,)),
+    "llama": dict(norm=("rmsnorm",), activation=("silu",), gated_mlp=(True,),
+                  positions=("rope",), qk_norm=(False,)),
+    "qwen2": dict(norm=("rmsnorm",), activation=("silu",), gated_mlp=(True,),
+                  positions=("rope",), qkv_bias=(True,), out_bias=(False,), mlp_bias=(False,),
+                  qk_norm=(False,)),
+    "qwen3": dict(norm=("rmsnorm",), activation=("silu",), gated_mlp=(True,),
+                  positions=("rope",), qkv_bias=(False,), out_bias=(False,), mlp_bias=(False,),
+                  qk_norm=(True,)),
+}
+
 
 class ConfigError(ValueError):
   """A model config that rlhf_jax cannot represent faithfully."""
@@ -33,6 +62,10 @@ class DecoderConfig:
     head_dim: Per-head width.
     intermediate_size: MLP hidden width.
     max_position_embeddings: Learned-position table size (GPT-2) / nominal context (RoPE).
+
+    The family switches below (norm ... tie_word_embeddings) left at None take `model_type`'s
+    values (`FAMILY_DEFAULTS`: GPT-2 learned positions, LayerNorm, biases, GELU and a tied head;
+    Qwen2 q/k/v biases; Qwen3 q/k norm); a value given explicitly wins.
     norm: "layernorm" (with bias) or "rmsnorm".
     norm_eps: Epsilon of the norms.
     activation: "gelu_new" (tanh approximation), "gelu" or "silu".
@@ -71,18 +104,18 @@ class DecoderConfig:
   head_dim: int = 16
   intermediate_size: int = 256
   max_position_embeddings: int = 2048
-  norm: str = "rmsnorm"
-  norm_eps: float = 1e-6
-  activation: str = "silu"
-  gated_mlp: bool = True
-  positions: str = "rope"
+  norm: str | None = None
+  norm_eps: float | None = None
+  activation: str | None = None
+  gated_mlp: bool | None = None
+  positions: str | None = None
   rope_theta: float = 10000.0
   rope_scaling: tuple[tuple[str, Any], ...] = ()
-  qkv_bias: bool = False
-  out_bias: bool = False
-  mlp_bias: bool = False
-  qk_norm: bool = False
-  tie_word_embeddings: bool = False
+  qkv_bias: bool | None = None
+  out_bias: bool | None = None
+  mlp_bias: bool | None = None
+  qk_norm: bool | None = None
+  tie_word_embeddings: bool | None = None
   pad_token_id: int | None = None
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
@@ -96,6 +129,20 @@ class DecoderConfig:
     if self.model_type not in SUPPORTED_MODEL_TYPES:
       raise ConfigError(
           f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for name, value in FAMILY_DEFAULTS[self.model_type].items():
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, value)
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "intermediate_size", "max_position_embeddings", "num_labels"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if not self.norm_eps > 0:
+      raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise ConfigError(f"{name} {getattr(self, name)!r} is not a dtype") from None
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -120,6 +167,29 @@ class DecoderConfig:
 
   def replace(self, **kw) -> "DecoderConfig":
     return dataclasses.replace(self, **kw)
+
+
+def check_exportable(cfg: DecoderConfig) -> None:
+  """Raises ConfigError unless `to_hf_config` can write `cfg` as its family's config.json (so
+  a model trained from scratch can be exported and loaded back, by rlhf_jax and transformers)."""
+  for name, allowed in _EXPORTABLE[cfg.model_type].items():
+    if getattr(cfg, name) not in allowed:
+      raise ConfigError(
+          f"model_type={cfg.model_type!r} cannot be exported with {name}={getattr(cfg, name)!r} "
+          f"(its config.json allows {' or '.join(map(repr, allowed))}; leave {name} unset for "
+          "the family's default)")
+  if cfg.model_type == "llama" and cfg.qkv_bias != cfg.out_bias:
+    raise ConfigError(f"model_type='llama' has one attention_bias: qkv_bias={cfg.qkv_bias} and "
+                      f"out_bias={cfg.out_bias} must be equal")
+  if cfg.model_type == "gpt2":
+    if cfg.num_kv_heads != cfg.num_heads:
+      raise ConfigError(f"model_type='gpt2' has no grouped-query attention: num_kv_heads="
+                        f"{cfg.num_kv_heads} must equal num_heads={cfg.num_heads}")
+    if cfg.num_heads * cfg.head_dim != cfg.hidden_size:
+      raise ConfigError(f"model_type='gpt2' needs num_heads * head_dim == hidden_size, got "
+                        f"{cfg.num_heads} * {cfg.head_dim} != {cfg.hidden_size}")
+    if cfg.rope_scaling:
+      raise ConfigError("model_type='gpt2' has learned positions: rope_scaling must be empty")
 
 
 def _get(d: dict[str, Any], *keys, default=None):
@@ -190,6 +260,7 @@ def from_hf_config(hf: dict[str, Any], **overrides) -> DecoderConfig:
 
 def to_hf_config(cfg: DecoderConfig, architecture: str) -> dict[str, Any]:
   """The `config.json` dict transformers needs to rebuild `cfg` as `architecture`."""
+  check_exportable(cfg)
   common = dict(
       architectures=[architecture], model_type=cfg.model_type, vocab_size=cfg.vocab_size,
       pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,

@@ -236,6 +236,30 @@ def _is_scalar_arch(hf: dict[str, Any]) -> bool:
   return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
+def _config(path: str, hf: dict[str, Any], **overrides) -> DecoderConfig:
+  try:
+    return from_hf_config(hf, **overrides)
+  except KeyError as e:
+    raise CheckpointError(f"{os.path.join(path, 'config.json')}: missing field {e}") from None
+
+
+def inspect_checkpoint(path: str) -> tuple[DecoderConfig, str]:
+  """(config, kind) of a local checkpoint, its weights unread: kind is "scalar" for a
+  *ForSequenceClassification checkpoint, else "causal_lm". Raises CheckpointError as
+  `from_pretrained` would for a missing or malformed config.json, missing weight files or a
+  corrupt safetensors header, so a run can check its checkpoints before it trains anything."""
+  from safetensors import safe_open
+  hf = _read_config(path)
+  cfg = _config(path, hf)
+  for f in _safetensors_files(path):
+    try:
+      with safe_open(f, framework="numpy"):
+        pass
+    except Exception as e:   # SafetensorError, OSError, ...: the file is unusable either way
+      raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
+  return cfg, "scalar" if _is_scalar_arch(hf) else "causal_lm"
+
+
 def _set(tree: dict, path: tuple, value):
   for p in path[:-1]:
     tree = tree[p]
@@ -267,10 +291,7 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
     CheckpointError / ConfigError naming the file and the problem.
   """
   hf = _read_config(path)
-  try:
-    cfg = from_hf_config(hf, dtype=dtype, param_dtype=param_dtype, **config_overrides)
-  except KeyError as e:
-    raise CheckpointError(f"{os.path.join(path, 'config.json')}: missing field {e}") from None
+  cfg = _config(path, hf, dtype=dtype, param_dtype=param_dtype, **config_overrides)
   if kind is None:
     kind = "scalar" if _is_scalar_arch(hf) else "causal_lm"
   if kind not in ("causal_lm", "scalar"):

@@ -9,6 +9,7 @@ reward-hacking monitor fires.
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable
 
@@ -80,6 +81,20 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
 
   def __post_init__(self):
     super().__post_init__()
+    for name in ("batch_size", "max_prompt_len", "max_steps", "num_eval_prompts",
+                 "keep_checkpoints", "max_nonfinite_iterations"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("eval_every", "num_samples_logged", "checkpoint_every", "seed"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if not self.log_every_s >= 0:
+      raise ValueError(f"log_every_s must be >= 0, got {self.log_every_s}")
+    if self.reward_threshold is not None:
+      if not math.isfinite(self.reward_threshold):
+        raise ValueError(f"reward_threshold must be finite or unset, got {self.reward_threshold}")
+      if not self.eval_every:   # evaluation only after the last step could never stop early
+        raise ValueError("reward_threshold is checked at evaluations: it needs eval_every > 0")
     if self.frozen_param_dtype is not None:
       try:
         jnp.dtype(self.frozen_param_dtype)
@@ -117,7 +132,8 @@ class PPOTrainer:
     policy: CausalLM to train; the reference is a frozen copy of it unless `ref_policy` is given.
     tokenizer: Hugging Face tokenizer (pad distinct from EOS); its EOS / pad ids fill the
       sampling config's unset ones.
-    train_prompts, eval_prompts: Prompt strings.
+    train_prompts, eval_prompts: Prompt strings; no eval_prompts: evaluations use the first
+      `num_eval_prompts` training prompts (a warning says they are not held out).
     reward_fn, reward_params: the reward (see `rlhf_jax.score`).
     value_model: ScalarModel for a critic that needs one (critic="separate").
     gold_fn: Optional text -> score of a judge the policy never sees (logged as gold_score).
@@ -180,6 +196,10 @@ class PPOTrainer:
                       "left-truncated", enc.num_truncated, len(train_prompts), cfg.max_prompt_len)
     self.prompts = PromptIterator(enc.ids, enc.mask, cfg.batch_size, cfg.seed,
                                   jax.process_index(), jax.process_count())
+    if not eval_prompts:   # evaluation still runs (final metrics, threshold, monitor)
+      logging.warning("no evaluation prompts: evaluating on the first %d training prompts, so "
+                      "the eval metrics are not held out", cfg.num_eval_prompts)
+      eval_prompts = train_prompts
     ev = encode_prompts(self.tokenizer, eval_prompts[:cfg.num_eval_prompts], cfg.max_prompt_len)
     self.eval_ids, self.eval_mask = ev.ids, ev.mask
 

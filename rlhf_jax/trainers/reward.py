@@ -36,7 +36,7 @@ class RewardConfig(trainers.TrainerConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.center_coef < 0:
+    if not self.center_coef >= 0:   # NaN too
       raise ValueError(f"center_coef must be >= 0, got {self.center_coef}")
 
 

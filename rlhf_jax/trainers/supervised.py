@@ -77,8 +77,9 @@ class TrainerConfig:
     for name in ("batch_size", "epochs", "max_len", "log_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.eval_every < 0:
-      raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+    for name in ("eval_every", "seed"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if not 0.0 <= self.eval_fraction < 1.0:
       raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
     if self.micro_batch_size is not None and (

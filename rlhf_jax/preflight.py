@@ -1,0 +1,198 @@
+"""Every check of a run that needs no training, done before any stage writes or trains.
+
+A check of one config dataclass lives in its `__post_init__` and has run when the config tree was
+built (`config_tree.from_config_dict`). `check_run` does the rest, those that need several stages,
+the tokenizer, a checkpoint's config.json or the data: the mesh fits the devices; the tokenizer
+and checkpoints load (each problem naming its file); the reward checkpoint is a reward model; a
+from-scratch model can be exported as its family; the tokenizer fits each model's vocabulary and
+`top_k` the policy's; each stage's lengths fit its model's positions; the data files parse, their
+completions fit `max_len` and they fill a batch after the held-out split; the gold judge imports.
+So a bad setting of the last stage fails in seconds, before the first has trained.
+"""
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from rlhf_jax import data as data_lib
+from rlhf_jax import evaluation, models, sharding
+from rlhf_jax.trainers import reward as reward_lib
+from rlhf_jax.trainers import sft as sft_lib
+from rlhf_jax.trainers import supervised
+
+STAGES = ("sft", "reward", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+  """A model a stage trains or reads: its config and where that config came from."""
+  cfg: models.DecoderConfig
+  source: str   # "--config.model" or a checkpoint directory
+
+
+def check_run(config: Any, workdir: str, stages: Sequence[str]) -> None:
+  """Raises (ValueError or FileNotFoundError, naming the field, file or stage) unless the
+  `stages` of `config` (a `pipeline.ExperimentConfig`) can run in `workdir`; reads, never writes."""
+  unknown = set(stages) - set(STAGES)
+  if unknown:
+    raise ValueError(f"unknown stages {sorted(unknown)} (known: {', '.join(STAGES)})")
+  sharding.make_mesh(tuple(config.mesh_shape))
+  tokenizer = _tokenizer(config, workdir)
+  policy = _policy(config, tokenizer)
+  _check_vocab(tokenizer, policy, "policy")
+  if config.gold_judge and "ppo" in stages:
+    evaluation.load_gold_judge(config.gold_judge)
+  if "sft" in stages:
+    _check_max_len("sft", config.sft.max_len, policy)
+    path = _data_path(config, "sft_data")
+    rows = (max(config.task.num_sft, 1) if path is None else
+            _encoded_rows("sft", path, lambda: sft_lib.encode_examples(
+                tokenizer, data_lib.load_sft(path), config.sft), policy))
+    _check_rows("sft", rows, config.sft)
+  if "reward" in stages:   # the reward model starts from the policy's trunk
+    _check_max_len("reward", config.reward.max_len, policy)
+    path = _data_path(config, "preferences")
+    rows = (config.task.num_pairs if path is None else
+            _encoded_rows("reward", path, lambda: reward_lib.encode_pairs(
+                tokenizer, data_lib.load_preferences(path), config.reward), policy))
+    _check_rows("reward", rows, config.reward)
+  if "ppo" in stages:
+    reward = _reward(config, policy, trained="reward" in stages)
+    _check_vocab(tokenizer, reward, "reward model")
+    _check_ppo(config, tokenizer, policy, reward)
+
+
+def _data_path(config: Any, field: str) -> str | None:
+  """A stage's data file (`config.<field>`), or None for the built-in task's, which
+  `pipeline.prepare_default_task` writes later."""
+  path = getattr(config, field)
+  if path or config.task.name == "default":
+    return path or None
+  raise ValueError(f"--config.{field} is empty: with --config.task.name='' the stage reads "
+                   "your data from it")
+
+
+def _tokenizer(config: Any, workdir: str):
+  """The tokenizer the stages will load; the built-in task's is built in memory when the
+  workdir has none yet (`pipeline.prepare_default_task` writes it)."""
+  path = config.tokenizer_path
+  if not path and config.task.name == "default":
+    path = os.path.join(workdir, "tokenizer")
+    if not os.path.isdir(path):
+      with tempfile.TemporaryDirectory() as tmp:
+        return data_lib.build_tokenizer(data_lib.vocabulary(), tmp)
+  path = path or config.policy_path
+  if not path:
+    raise ValueError("no tokenizer: set --config.tokenizer_path or --config.policy_path")
+  return data_lib.load_tokenizer(path)
+
+
+def _policy(config: Any, tokenizer) -> _Model:
+  """The policy's config: --config.policy_path's, or the from-scratch `config.model`."""
+  if config.policy_path:
+    cfg, kind = models.inspect_checkpoint(config.policy_path)
+    if kind != "causal_lm":
+      raise ValueError(f"--config.policy_path={config.policy_path} is a reward model "
+                       "(*ForSequenceClassification): the policy needs an LM head")
+    return _Model(cfg, config.policy_path)
+  cfg = config.model.replace(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+  try:
+    models.check_exportable(cfg)
+  except models.ConfigError as e:
+    raise models.ConfigError(f"--config.model: {e}") from None
+  return _Model(cfg, "--config.model")
+
+
+def _reward(config: Any, policy: _Model, trained: bool) -> _Model:
+  """The reward model PPO reads: the one the reward stage trains from the policy's trunk, or
+  --config.reward_path, which must be a reward model (a causal LM there would get a fresh zero
+  head: every score 0)."""
+  if trained or not config.reward_path:
+    return policy
+  cfg, kind = models.inspect_checkpoint(config.reward_path)
+  if kind != "scalar":
+    raise ValueError(
+        f"--config.reward_path={config.reward_path} is a causal LM, not a reward model (its "
+        "config.json architectures are not *ForSequenceClassification); train one with "
+        "experiments.reward_model, or leave reward_path empty to train it in this run")
+  if cfg.num_labels != 1:
+    raise ValueError(f"--config.reward_path={config.reward_path} has num_labels="
+                     f"{cfg.num_labels}; a reward model has one output")
+  return _Model(cfg, config.reward_path)
+
+
+def _positions(model: _Model) -> str:
+  where = ("--config.model.max_position_embeddings" if model.source == "--config.model"
+           else f"max_position_embeddings of {os.path.join(model.source, 'config.json')}")
+  return f"{model.cfg.max_position_embeddings} ({where})"
+
+
+def _check_vocab(tokenizer, model: _Model, what: str) -> None:
+  if len(tokenizer) > model.cfg.vocab_size:
+    raise ValueError(f"{what} {model.source}: tokenizer has {len(tokenizer)} tokens but the "
+                     f"model's vocabulary has {model.cfg.vocab_size}; they do not belong together")
+
+
+def _check_max_len(stage: str, max_len: int, model: _Model) -> None:
+  if max_len > model.cfg.max_position_embeddings:
+    raise ValueError(f"--config.{stage}.max_len={max_len} exceeds the model's positions: "
+                     f"{_positions(model)}")
+
+
+def _encoded_rows(stage: str, path: str, encode, model: _Model) -> int:
+  """Rows of a stage's data file as its trainer encodes them (parse errors name the file and
+  line; an over-long completion names the stage's options)."""
+  try:
+    arrays = encode()
+  except data_lib.DataError as e:
+    if "max_len" not in str(e):
+      raise
+    raise data_lib.DataError(
+        f"{path}: {e}; set --config.{stage}.max_len higher (at most the model's positions, "
+        f"{_positions(model)}) or --config.{stage}.drop_overlong=True") from None
+  supervised.check_vocab(arrays, model.cfg.vocab_size)
+  return supervised.num_rows(arrays)
+
+
+def _check_rows(stage: str, rows: int, cfg: supervised.TrainerConfig) -> None:
+  try:
+    train, _ = supervised.split_indices(rows, cfg.eval_fraction, cfg.seed)
+  except ValueError as e:
+    raise ValueError(f"--config.{stage}: {e}") from None
+  if len(train) < cfg.batch_size:
+    raise ValueError(f"--config.{stage}: {len(train)} training rows (of {rows}, after the "
+                     f"eval_fraction={cfg.eval_fraction} split) are fewer than batch_size="
+                     f"{cfg.batch_size}")
+
+
+def _check_ppo(config: Any, tokenizer, policy: _Model, reward: _Model) -> None:
+  p = config.ppo
+  width = p.max_prompt_len + p.sampling.max_new_tokens
+  for what, model in (("policy", policy), ("reward model", reward)):
+    if width > model.cfg.max_position_embeddings:
+      raise ValueError(
+          f"--config.ppo.max_prompt_len + --config.ppo.sampling.max_new_tokens = "
+          f"{p.max_prompt_len} + {p.sampling.max_new_tokens} exceeds the {what}'s "
+          f"max_position_embeddings = {_positions(model)}")
+  if p.sampling.top_k > policy.cfg.vocab_size:
+    raise ValueError(f"--config.ppo.sampling.top_k={p.sampling.top_k} exceeds the policy's "
+                     f"vocabulary of {policy.cfg.vocab_size} tokens")
+  prompts = _data_path(config, "prompts")
+  if prompts is None:
+    if config.task.num_prompts < p.batch_size:
+      raise ValueError(f"--config.task.num_prompts={config.task.num_prompts} prompts cannot "
+                       f"fill one batch of --config.ppo.batch_size={p.batch_size}")
+    return
+  enc = data_lib.encode_prompts(tokenizer, data_lib.load_prompts(prompts), p.max_prompt_len)
+  try:
+    data_lib.PromptIterator(enc.ids, enc.mask, p.batch_size, p.seed, jax.process_index(),
+                            jax.process_count())
+  except ValueError as e:
+    raise ValueError(f"{prompts}: {e} (--config.ppo.batch_size)") from None
+  if config.eval_prompts:
+    data_lib.load_prompts(config.eval_prompts)
