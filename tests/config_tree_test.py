@@ -106,6 +106,26 @@ def test_missing_keys_keep_defaults_and_post_init_runs():
     parse(Toy(), "--config.middle.inner.rate=-1")
 
 
+def test_fields_derived_in_post_init_stay_derived_in_the_tree():
+  """DecoderConfig's family switches are None defaults filled in from model_type: the tree keeps
+  them unset, so changing model_type on the command line brings that family's switches, while
+  a switch given explicitly wins."""
+  from rlhf_jax.models import DecoderConfig
+  tree = to_config_dict(DecoderConfig())
+  assert tree.norm is None and tree.get_type("qk_norm") is bool
+  assert parse(DecoderConfig(), "--config.model_type=gpt2") == DecoderConfig(model_type="gpt2")
+  assert parse(DecoderConfig(), "--config.model_type=gpt2").positions == "learned"
+  assert parse(DecoderConfig(), "--config.model_type=qwen3").qk_norm is True
+  assert parse(DecoderConfig(), "--config.model_type=qwen3", "--noconfig.qk_norm").qk_norm is False
+  assert parse(DecoderConfig(norm="layernorm"), "--config.model_type=qwen2").norm == "layernorm"
+  assert from_config_dict(DecoderConfig, to_config_dict(DecoderConfig())) == DecoderConfig()
+
+
+def test_a_rejected_value_names_its_dataclass_path():
+  with pytest.raises(ValueError, match=r"^--config\.middle\.inner: rate must be >= 0, got -1"):
+    from_config_dict(Toy, {"middle": {"inner": {"rate": -1.0}}})
+
+
 def _with(tree: dict, path: str, value) -> dict:
   *parents, leaf = path.split(".")
   node = tree

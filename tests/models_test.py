@@ -326,6 +326,48 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
   assert not np.allclose(b[valid], a[valid], atol=1e-6)   # really computed in bf16
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "qwen3"])
+def test_from_scratch_family_round_trips(family, tmp_path):
+  """A model configured by `model_type` alone takes its family's switches, exports as a
+  config.json of that family, and reads back (ours and transformers') with the same logits."""
+  cfg = models.DecoderConfig(model_type=family, vocab_size=VOCAB, hidden_size=32, num_layers=2,
+                             num_heads=4, num_kv_heads=4, head_dim=8, intermediate_size=48,
+                             max_position_embeddings=64, pad_token_id=PAD, eos_token_id=2)
+  graphdef, state = nnx.split(models.CausalLM(cfg, rngs=nnx.Rngs(0)))
+  # Non-zero biases and norm offsets: a switch lost in export would change the logits.
+  leaves, treedef = jax.tree.flatten(state)
+  noise = jax.random.split(jax.random.key(1), len(leaves))
+  model = nnx.merge(graphdef, jax.tree.unflatten(treedef, [
+      x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, noise)]))
+  ids, mask = _left_padded_batch(np.random.default_rng(7))
+  want = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0])
+  valid = mask.astype(bool)
+
+  models.save_pretrained(model, str(tmp_path))
+  assert json.load(open(tmp_path / "config.json"))["model_type"] == family
+  back = models.from_pretrained(str(tmp_path))
+  switches = lambda c: {k: getattr(c, k) for k in models.config.FAMILY_DEFAULTS[family]}
+  assert switches(back.cfg) == switches(cfg)
+  got = np.asarray(back(jnp.asarray(ids), attention_mask=jnp.asarray(mask))[0])
+  np.testing.assert_allclose(got[valid], want[valid], atol=1e-5, rtol=0)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+  assert ref.config.model_type == family
+  np.testing.assert_allclose(_torch_logits(ref, ids, mask)[valid], want[valid], atol=1e-4, rtol=0)
+
+
+def test_family_switches_follow_model_type_unless_set():
+  gpt2 = models.DecoderConfig(model_type="gpt2")
+  assert (gpt2.norm, gpt2.positions, gpt2.activation, gpt2.gated_mlp, gpt2.tie_word_embeddings,
+          gpt2.qkv_bias, gpt2.out_bias, gpt2.mlp_bias) == (
+              "layernorm", "learned", "gelu_new", False, True, True, True, True)
+  assert models.DecoderConfig(model_type="qwen2").qkv_bias
+  assert models.DecoderConfig(model_type="qwen3").qk_norm
+  assert not models.DecoderConfig(model_type="gpt2", tie_word_embeddings=False).tie_word_embeddings
+  with pytest.raises(models.ConfigError, match="cannot be exported with qk_norm=False"):
+    models.save_pretrained(models.CausalLM(models.DecoderConfig(
+        model_type="qwen3", vocab_size=VOCAB, qk_norm=False), rngs=nnx.Rngs(0)), "/nonexistent")
+
+
 class TestBadCheckpoints:
 
   def _good(self, tmp_path):
