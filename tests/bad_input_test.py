@@ -12,17 +12,22 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from absl import flags
 from flax import nnx
 
 from experiments import common
 from experiments import rlhf as rlhf_main
-from rlhf_jax import checkpointing, data, models, ppo
+from rlhf_jax import checkpointing, data, models, pipeline, ppo
 from rlhf_jax.optim import OptimConfig, make_optimizer
+from rlhf_jax.rollout import SamplingConfig
+from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
+from rlhf_jax.trainers.reward import RewardConfig
 
 import tiny_ppo
 
@@ -329,3 +334,86 @@ def test_bad_input_gives_one_clear_error(case, setup, expected, inputs, tmp_path
   after = _hashes(workdir)
   assert {k: after.get(k) for k in before} == before, case
   assert _new(workdir, before) == [], case
+
+
+def _raises(exc: BaseException):
+  def main(argv):
+    del argv
+    raise exc
+  return main
+
+
+@pytest.mark.parametrize("exc, code, expected", [
+    (OSError(28, "No space left on device"), 2, "error: OSError: [Errno 28] No space left"),
+    (TypeError("unsupported operand"), 1, "error: TypeError: unsupported operand (RLHF_JAX_TRACEBACK"),
+    (ZeroDivisionError("division by zero"), 1, "error: ZeroDivisionError: division by zero"),
+    (RuntimeError("orbax: step 7\nis incomplete"), 1, "error: RuntimeError: orbax: step 7 is incomplete"),
+    (ModuleNotFoundError("No module named 'judge'"), 2, "error: ModuleNotFoundError: No module"),
+    (KeyboardInterrupt(), 130, "error: interrupted (KeyboardInterrupt)"),
+], ids=["oserror", "typeerror", "zerodivision", "multiline", "import", "ctrl_c"])
+def test_every_failure_is_one_error_line(exc, code, expected, capsys, monkeypatch):
+  monkeypatch.delenv("RLHF_JAX_TRACEBACK", raising=False)
+  with pytest.raises(SystemExit) as e:
+    common.guard(_raises(exc))([])
+  err = capsys.readouterr().err
+  assert e.value.code == code
+  assert err.count("\n") == 1 and err.startswith(expected), err
+
+
+def test_traceback_on_request(monkeypatch):
+  monkeypatch.setenv("RLHF_JAX_TRACEBACK", "1")
+  with pytest.raises(TypeError, match="unsupported"):
+    common.guard(_raises(TypeError("unsupported operand")))([])
+
+
+def test_reward_model_without_held_out_pairs_is_saved(inputs, tmp_path):
+  """reward.eval_fraction=0 trained, then crashed on the missing held-out accuracy before
+  saving: the reward model was lost."""
+  pairs = [{"prompt": "good", "chosen": "nice great", "rejected": "awful poor"}] * 16
+  config = pipeline.ExperimentConfig(
+      task=pipeline.TaskConfig(name=""), tokenizer_path=inputs["tokenizer_path"],
+      preferences=data.write_jsonl(str(tmp_path / "prefs.jsonl"), pairs),
+      reward=RewardConfig(batch_size=8, max_len=8, eval_fraction=0.0))
+  paths = pipeline.Paths(str(tmp_path / "work"))
+  out = pipeline.run_reward(config, paths, inputs["policy_path"])
+  assert isinstance(models.from_pretrained(out), models.ScalarModel)
+
+
+def test_ppo_without_eval_prompts_evaluates_on_training_prompts(tmp_path):
+  """The PPO stage's docstring command gives no eval prompts; it failed with "no prompts to
+  encode"."""
+  tok = data.build_tokenizer(tiny_ppo.WORDS, str(tmp_path / "tok"))
+  cfg = tiny_ppo.model_cfg(tok)
+  prompts = tiny_ppo.prompts()
+  trainer = PPOTrainer(
+      PPOTrainerConfig(batch_size=8, max_prompt_len=4, sampling=SamplingConfig(max_new_tokens=4),
+                       num_eval_prompts=8, max_steps=1),
+      models.CausalLM(cfg, rngs=nnx.Rngs(0)), tok, prompts, [], reward_fn=tiny_ppo.target_share,
+      reward_params=None, value_model=models.ScalarModel(cfg, rngs=nnx.Rngs(1)))
+  want = data.encode_prompts(tok, prompts[:8], 4)
+  np.testing.assert_array_equal(trainer.eval_ids, want.ids)
+  np.testing.assert_array_equal(trainer.eval_mask, want.mask)
+
+
+def test_stage_mains_check_before_they_work(inputs, tmp_path, tmp_path_factory):
+  """Each stage's own main runs the preflight checks first (subprocesses: a process's flags
+  hold one main)."""
+  cases = [
+      ("experiments.sft", {**SCRATCH, "sft.max_len": 65}, "--config.sft.max_len=65 exceeds"),
+      ("experiments.reward_model", {**inputs, "reward.max_len": 17},
+       "--config.reward.max_len=17 exceeds the model's positions: 16"),
+      ("experiments.ppo", {**inputs, "reward_path": inputs["policy_path"]},
+       "is a causal LM, not a reward model"),
+  ]
+  env = tiny_ppo.env(tiny_ppo.cache_dir(tmp_path_factory))
+  procs = []
+  for i, (module, overrides, _) in enumerate(cases):
+    workdir = tmp_path / f"work{i}"
+    _earlier_run(workdir)
+    procs.append((workdir, _hashes(workdir), subprocess.Popen(
+        tiny_ppo.command(str(workdir), overrides, module), cwd=tiny_ppo.ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+  for (workdir, before, proc), (module, _, expected) in zip(procs, cases):
+    _, err = proc.communicate(timeout=300)
+    assert_one_error(proc.returncode, err, expected)
+    assert _hashes(workdir) == before, module
