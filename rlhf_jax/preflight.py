@@ -94,7 +94,7 @@ def _tokenizer(config: Any, workdir: str):
 def _policy(config: Any, tokenizer) -> _Model:
   """The policy's config: --config.policy_path's, or the from-scratch `config.model`."""
   if config.policy_path:
-    cfg, kind = models.inspect_checkpoint(config.policy_path)
+    cfg, kind = _inspect(config, "policy_path")
     if kind != "causal_lm":
       raise ValueError(f"--config.policy_path={config.policy_path} is a reward model "
                        "(*ForSequenceClassification): the policy needs an LM head")
@@ -108,13 +108,20 @@ def _policy(config: Any, tokenizer) -> _Model:
   return _Model(cfg, "--config.model")
 
 
+def _inspect(config: Any, field: str) -> tuple[models.DecoderConfig, str]:
+  try:
+    return models.inspect_checkpoint(getattr(config, field))
+  except models.CheckpointError as e:
+    raise models.CheckpointError(f"--config.{field}: {e}") from None
+
+
 def _reward(config: Any, policy: _Model, trained: bool) -> _Model:
   """The reward model PPO reads: the one the reward stage trains from the policy's trunk, or
   --config.reward_path, which must be a reward model (a causal LM there would get a fresh zero
   head: every score 0)."""
   if trained or not config.reward_path:
     return policy
-  cfg, kind = models.inspect_checkpoint(config.reward_path)
+  cfg, kind = _inspect(config, "reward_path")
   if kind != "scalar":
     raise ValueError(
         f"--config.reward_path={config.reward_path} is a causal LM, not a reward model (its "
@@ -153,7 +160,7 @@ def _encoded_rows(stage: str, path: str, encode, model: _Model) -> int:
     if "max_len" not in str(e):
       raise
     raise data_lib.DataError(
-        f"{path}: {e}; set --config.{stage}.max_len higher (at most the model's positions, "
+        f"{path}: {e}: set --config.{stage}.max_len (at most the model's positions, "
         f"{_positions(model)}) or --config.{stage}.drop_overlong=True") from None
   supervised.check_vocab(arrays, model.cfg.vocab_size)
   return supervised.num_rows(arrays)

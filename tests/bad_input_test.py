@@ -244,7 +244,7 @@ CASES = [
         **_one_sft_example(t), "reward_path": _truncated(i["reward_path"], t / "rm", "model.safetensors")},
      "corrupt or unreadable safetensors"),
     ("overlong_sft_completion", lambda t, i: {"sft_data": _long_sft(t), "sft.max_len": 16},
-     "set --config.sft.max_len higher (at most the model's positions, 16"),
+     "set --config.sft.max_len (at most the model's positions, 16"),
     ("overlong_preference_before_sft", lambda t, i: {
         **_one_sft_example(t), "preferences": _long_prefs(t), "reward_path": "", "sft.max_len": 16,
         "reward.max_len": 16}, "or --config.reward.drop_overlong=True"),

@@ -199,8 +199,8 @@ def _fits(completion_tokens: list[list[int]], max_len: int, drop_overlong: bool,
     i = int(np.argmin(fits))
     raise DataError(
         f"example {i}: {what} has {len(completion_tokens[i])} tokens (EOS included) but "
-        f"max_len is {max_len}; completions are never cut: raise max_len or pass "
-        "drop_overlong=True")
+        f"max_len is {max_len}; completions are never cut (raise max_len, or drop such "
+        "examples with drop_overlong)")
   return fits
 
 

@@ -184,7 +184,8 @@ def check_exportable(cfg: DecoderConfig) -> None:
   if cfg.model_type == "gpt2":
     if cfg.num_kv_heads != cfg.num_heads:
       raise ConfigError(f"model_type='gpt2' has no grouped-query attention: num_kv_heads="
-                        f"{cfg.num_kv_heads} must equal num_heads={cfg.num_heads}")
+                        f"{cfg.num_kv_heads} must equal num_heads={cfg.num_heads} (set "
+                        f"num_kv_heads={cfg.num_heads})")
     if cfg.num_heads * cfg.head_dim != cfg.hidden_size:
       raise ConfigError(f"model_type='gpt2' needs num_heads * head_dim == hidden_size, got "
                         f"{cfg.num_heads} * {cfg.head_dim} != {cfg.hidden_size}")
