@@ -98,6 +98,8 @@ def from_config_dict(cls, cd: Mapping, path: str = "--config"):
   try:
     return cls(**kwargs)
   except ValueError as e:
+    if isinstance(e, KeyError):   # a registry's unknown name: str() would quote the message
+      raise ValueError(f"{path}: {e.args[0]}") from None
     raise type(e)(f"{path}: {e}") from None
 
 

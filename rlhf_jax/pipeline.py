@@ -152,10 +152,7 @@ def _load(config: ExperimentConfig, path: str, kind: str):
                                 remat=m.remat, logits_chunk_size=m.logits_chunk_size)
 
 
-def _check_vocab(model_cfg: models.DecoderConfig, tokenizer, what: str) -> None:
-  if len(tokenizer) > model_cfg.vocab_size:
-    raise ValueError(f"{what}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
-                     f"has {model_cfg.vocab_size}; they do not belong together")
+_check_vocab = preflight.check_vocab
 
 
 def _save(model, tokenizer, path: str) -> None:

@@ -43,7 +43,7 @@ def check_run(config: Any, workdir: str, stages: Sequence[str]) -> None:
   sharding.make_mesh(tuple(config.mesh_shape))
   tokenizer = _tokenizer(config, workdir)
   policy = _policy(config, tokenizer)
-  _check_vocab(tokenizer, policy, "policy")
+  check_vocab(policy.cfg, tokenizer, f"policy {policy.source}")
   if config.gold_judge and "ppo" in stages:
     evaluation.load_gold_judge(config.gold_judge)
   if "sft" in stages:
@@ -62,7 +62,7 @@ def check_run(config: Any, workdir: str, stages: Sequence[str]) -> None:
     _check_rows("reward", rows, config.reward)
   if "ppo" in stages:
     reward = _reward(config, policy, trained="reward" in stages)
-    _check_vocab(tokenizer, reward, "reward model")
+    check_vocab(reward.cfg, tokenizer, f"reward model {reward.source}")
     _check_ppo(config, tokenizer, policy, reward)
 
 
@@ -139,10 +139,11 @@ def _positions(model: _Model) -> str:
   return f"{model.cfg.max_position_embeddings} ({where})"
 
 
-def _check_vocab(tokenizer, model: _Model, what: str) -> None:
-  if len(tokenizer) > model.cfg.vocab_size:
-    raise ValueError(f"{what} {model.source}: tokenizer has {len(tokenizer)} tokens but the "
-                     f"model's vocabulary has {model.cfg.vocab_size}; they do not belong together")
+def check_vocab(model_cfg: models.DecoderConfig, tokenizer, what: str) -> None:
+  """Raises unless every token of `tokenizer` has a row in the model's embedding."""
+  if len(tokenizer) > model_cfg.vocab_size:
+    raise ValueError(f"{what}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                     f"has {model_cfg.vocab_size}; they do not belong together")
 
 
 def _check_max_len(stage: str, max_len: int, model: _Model) -> None:
