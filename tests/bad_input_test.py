@@ -241,7 +241,8 @@ CASES = [
         i["tokenizer_path"], t / "tok", drop="tokenizer_config.json")},
      "tok/tokenizer_config.json: missing"),
     ("truncated_reward_safetensors_before_sft", lambda t, i: {
-        **_one_sft_example(t), "reward_path": _truncated(i["reward_path"], t / "rm", "model.safetensors")},
+        **_one_sft_example(t),
+        "reward_path": _truncated(i["reward_path"], t / "rm", "model.safetensors")},
      "corrupt or unreadable safetensors"),
     ("overlong_sft_completion", lambda t, i: {"sft_data": _long_sft(t), "sft.max_len": 16},
      "set --config.sft.max_len (at most the model's positions, 16"),
@@ -345,9 +346,11 @@ def _raises(exc: BaseException):
 
 @pytest.mark.parametrize("exc, code, expected", [
     (OSError(28, "No space left on device"), 2, "error: OSError: [Errno 28] No space left"),
-    (TypeError("unsupported operand"), 1, "error: TypeError: unsupported operand (RLHF_JAX_TRACEBACK"),
+    (TypeError("unsupported operand"), 1,
+     "error: TypeError: unsupported operand (RLHF_JAX_TRACEBACK"),
     (ZeroDivisionError("division by zero"), 1, "error: ZeroDivisionError: division by zero"),
-    (RuntimeError("orbax: step 7\nis incomplete"), 1, "error: RuntimeError: orbax: step 7 is incomplete"),
+    (RuntimeError("orbax: step 7\nis incomplete"), 1,
+     "error: RuntimeError: orbax: step 7 is incomplete"),
     (ModuleNotFoundError("No module named 'judge'"), 2, "error: ModuleNotFoundError: No module"),
     (KeyboardInterrupt(), 130, "error: interrupted (KeyboardInterrupt)"),
 ], ids=["oserror", "typeerror", "zerodivision", "multiline", "import", "ctrl_c"])
