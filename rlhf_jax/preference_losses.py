@@ -247,11 +247,11 @@ def kto_loss(cfg: PreferenceLossConfig, x: PreferenceInputs) -> tuple[jax.Array,
                  + lambda_U (1 - sigma(beta (z0 - pi_r + rho_r)))] / 2.
 
   z0 comes from the rows at hand, so under microbatching it is each microbatch's estimate (as
-  it is each device's in TRL). aux adds "kl" (z0).
+  it is each device's in TRL). aux adds "reference_point" (z0).
   """
   chosen, rejected = _log_ratios(x)
   z0 = jax.lax.stop_gradient(jnp.maximum(jnp.mean(x.kl_logps - x.ref_kl_logps), 0.0))
   desirable = cfg.kto_desirable_weight * (1.0 - jax.nn.sigmoid(cfg.beta * (chosen - z0)))
   undesirable = cfg.kto_undesirable_weight * (1.0 - jax.nn.sigmoid(cfg.beta * (z0 - rejected)))
   loss = 0.5 * (desirable.mean() + undesirable.mean())
-  return loss, _aux(x, cfg.beta * chosen, cfg.beta * rejected, kl=z0)
+  return loss, _aux(x, cfg.beta * chosen, cfg.beta * rejected, reference_point=z0)

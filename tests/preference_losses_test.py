@@ -111,9 +111,9 @@ def test_kto_reference_point_is_clamped_and_carries_no_gradient():
   x["kl"] = x["ref_kl"] + 1.5                       # KL estimate 1.5
   cfg = pl.PreferenceLossConfig("kto", beta=0.2)
   _, aux = pl.preference_loss(cfg, _jax_inputs(x))
-  np.testing.assert_allclose(aux["kl"], 1.5, rtol=1e-5)
+  np.testing.assert_allclose(aux["reference_point"], 1.5, rtol=1e-5)
   x["kl"] = x["ref_kl"] - 1.0                       # a negative estimate counts as 0
-  assert float(pl.preference_loss(cfg, _jax_inputs(x))[1]["kl"]) == 0.0
+  assert float(pl.preference_loss(cfg, _jax_inputs(x))[1]["reference_point"]) == 0.0
   grad = jax.grad(lambda kl: pl.preference_loss(
       cfg, _jax_inputs(x)._replace(kl_logps=kl))[0])(jnp.asarray(x["ref_kl"] + 2.0))
   np.testing.assert_array_equal(grad, 0.0)
