@@ -57,7 +57,7 @@ def test_side_logps_match_a_numpy_sum_over_full_logits(tokenizer, task):
   got = jax.jit(lambda b: dpo.side_logps(policy, b, ("chosen", "rejected")))(batch)
   for side in ("chosen", "rejected"):
     ids, attn = batch[f"{side}_ids"], batch[f"{side}_attention_mask"]
-    logits, _ = policy(ids, attention_mask=attn)
+    logits, _ = jax.jit(lambda i, a: policy(i, attention_mask=a))(ids, attn)
     logp = _log_softmax(np.asarray(logits, np.float64))
     want_sum, want_n = np.zeros(len(ids)), np.zeros(len(ids))
     for i in range(len(ids)):
@@ -88,7 +88,8 @@ def test_another_reference_policy_gives_the_first_rewards(tokenizer, task):
   cfg = _cfg(epochs=1, batch_size=32, loss=PreferenceLossConfig("dpo", beta=0.5))
   _, history, _ = dpo.train_dpo(policy, tokenizer, pairs, cfg, ref_policy=other)
   batch = dpo.encode_pairs(tokenizer, pairs, cfg)
-  lp, ref = (dpo.side_logps(m, batch, ("chosen",))["chosen"][0] for m in (policy, other))
+  lp, ref = (jax.jit(lambda b, m=m: dpo.side_logps(m, b, ("chosen",))["chosen"][0])(batch)
+             for m in (policy, other))
   np.testing.assert_allclose(history[0]["chosen_reward"], 0.5 * np.mean(lp - ref), rtol=1e-4)
 
 
@@ -117,6 +118,16 @@ def test_a_reference_free_loss_makes_no_reference_pass(tokenizer, task, monkeypa
   _, history, _ = dpo.train_dpo(_policy(tokenizer), tokenizer, task.preferences[:32],
                                 _cfg(loss=PreferenceLossConfig("orpo", beta=1.0)))
   assert len(history) == 2 and all(np.isfinite(e["loss"]) for e in history)
+
+
+def test_kto_reads_its_mismatched_rows_and_their_reference(tokenizer, task):
+  # The policy starts as its reference: every log-ratio, so the reference point z0, is 0.
+  _, history, final = dpo.train_dpo(
+      _policy(tokenizer), tokenizer, task.preferences[:40],
+      _cfg(batch_size=16, eval_fraction=0.2, loss=PreferenceLossConfig("kto", beta=0.5)))
+  assert history[0]["reference_point"] == 0.0
+  np.testing.assert_allclose(history[0]["loss"], 0.5, rtol=1e-6)   # 1 - sigma(0) on each side
+  assert final["reference_point"] >= 0.0 and np.isfinite(final["loss"])
 
 
 def test_dpo_learns_the_held_out_preferences(tokenizer, task):
