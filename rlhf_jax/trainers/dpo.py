@@ -45,8 +45,8 @@ class DPOConfig(trainers.TrainerConfig):
     max_prompt_len: Token width of the evaluation prompts the policy completes.
     num_eval_prompts: Prompts completed by the policy and the reference at every evaluation
       (KL to the reference, gold score, samples); 0: pair metrics only.
-    sampling: How evaluation completions are sampled (the PPO evaluation's settings, so the
-      two stages' figures compare).
+    sampling: How evaluation completions are sampled (the default config sets PPO's, so the
+      two methods' figures compare).
     num_samples_logged: Rows of the samples table.
   """
   loss: PreferenceLossConfig = PreferenceLossConfig()
@@ -78,7 +78,7 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[data.PreferencePair],
   if cfg.loss.needs_kl_rows:
     kept = [pairs[i] for i in enc.kept]
     kl = data.encode_prompt_completion(
-        tokenizer, [p.prompt for p in kept], [p.chosen for p in np.roll(kept, 1)], cfg.max_len)
+        tokenizer, [p.prompt for p in kept], [p.chosen for p in kept[-1:] + kept[:-1]], cfg.max_len)
     out.update(kl_ids=kl.ids, kl_attention_mask=kl.attention_mask,
                kl_completion_mask=kl.completion_mask)
   return out
