@@ -30,7 +30,7 @@ PPO_PLOT_KEYS = ["raw_score_mean", ("eval_reward", "gold_score"), "kl", "entropy
                  "clipfrac", "value_loss", "explained_variance", "eval_win_rate",
                  "response_length", "tokens_per_s"]
 DPO_PLOT_KEYS = ["loss", ("eval_reward_accuracy", "eval_gold_score"), "eval_reward_margin",
-                 ("chosen_logps", "rejected_logps"), "eval_kl", "grad_norm"]
+                 ("eval_chosen_logps", "eval_rejected_logps"), "eval_kl", "grad_norm"]
 
 
 @dataclasses.dataclass(frozen=True)
