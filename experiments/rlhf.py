@@ -1,7 +1,8 @@
-r"""SFT -> reward model -> PPO in one command.
+r"""SFT -> reward model -> PPO (or SFT -> DPO, `method="dpo"`) in one command.
 
   python -m experiments.rlhf --workdir=runs/default
   python -m experiments.rlhf --workdir=DIR --config=experiments/configs/default.py:grpo
+  python -m experiments.rlhf --workdir=DIR --config=experiments/configs/default.py:dpo   # SFT -> DPO
   python -m experiments.rlhf --workdir=DIR --config.policy_path=SFT_CKPT \
       --config.reward_path=RM_CKPT --config.prompts=prompts.jsonl --config.task.name=''
 """

@@ -5,6 +5,7 @@ config dataclasses say everything each of them reads.
 """
 
 from rlhf_jax import policy_losses  # noqa: F401  (registers gspo, dr_grpo, dapo, cispo, ...)
+from rlhf_jax import preference_losses  # noqa: F401  (registers dpo, ipo, simpo, orpo, kto, ...)
 from rlhf_jax.advantages import AdvantageConfig
 from rlhf_jax.collect import collect
 from rlhf_jax.kl import KLConfig

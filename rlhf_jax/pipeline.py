@@ -1,6 +1,7 @@
-"""The three stages of RLHF driven by one typed config tree: SFT, reward model, PPO.
+"""The three stages of RLHF driven by one typed config tree: SFT, reward model, PPO (or the two of
+the offline route, `method="dpo"`: SFT, then DPO on the preference pairs).
 
-`ExperimentConfig` holds every stage's dataclass (`sft`, `reward`, `ppo`, `model`), and the command
+`ExperimentConfig` holds every stage's dataclass (`sft`, `reward`, `ppo`, `dpo`, `model`), and the command
 line edits its mirror ConfigDict (`--config.ppo.kl.init_coef=0.2`, see `rlhf_jax.config_tree`).
 The `experiments/*.py` mains are thin wrappers around these functions. Each stage reads its inputs
 from paths in the config (or what the previous stage wrote into the workdir) and writes Hugging Face
@@ -19,6 +20,7 @@ from rlhf_jax import data as data_lib
 from rlhf_jax import evaluation, models, preflight, sharding
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from rlhf_jax.score import reward_model_fn
+from rlhf_jax.trainers.dpo import DPOConfig, train_dpo
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
 from rlhf_jax.trainers.sft import SFTConfig, train_sft
@@ -27,6 +29,8 @@ from rlhf_jax.trainers.sft import SFTConfig, train_sft
 PPO_PLOT_KEYS = ["raw_score_mean", ("eval_reward", "gold_score"), "kl", "entropy", "approx_kl",
                  "clipfrac", "value_loss", "explained_variance", "eval_win_rate",
                  "response_length", "tokens_per_s"]
+DPO_PLOT_KEYS = ["loss", ("eval_reward_accuracy", "eval_gold_score"), "eval_reward_margin",
+                 ("eval_chosen_logps", "eval_rejected_logps"), "eval_kl", "grad_norm"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +81,9 @@ class ExperimentConfig:
       (`data.gold_score`), or none on your own data, where the monitor has KL and distinct-n only.
     model: The from-scratch architecture; vocab_size and the pad / EOS ids come from the
       tokenizer. Its dtype and param_dtype also apply to loaded checkpoints.
-    sft, reward, ppo: The stages (`rlhf_jax.trainers`).
+    method: The optimisation stage after SFT: "ppo" (reward model, then PPO against it) or
+      "dpo" (offline preference optimisation on the pairs, `dpo.loss.name`; no reward model).
+    sft, reward, ppo, dpo: The stages (`rlhf_jax.trainers`).
   """
   task: TaskConfig = TaskConfig()
   mesh_shape: tuple[int, ...] = (-1, 1, 1)
@@ -94,6 +100,12 @@ class ExperimentConfig:
   sft: SFTConfig = SFTConfig()
   reward: RewardConfig = RewardConfig()
   ppo: PPOTrainerConfig = PPOTrainerConfig()
+  method: str = "ppo"
+  dpo: DPOConfig = DPOConfig()
+
+  def __post_init__(self):
+    if self.method not in ("ppo", "dpo"):
+      raise ValueError(f"unknown method {self.method!r}: use 'ppo' or 'dpo'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +115,7 @@ class Paths:
 
   def __getattr__(self, name):
     sub = {"data": "data", "tokenizer": "tokenizer", "sft": "sft", "reward": "reward",
-           "ppo": "ppo", "policy": os.path.join("ppo", "policy")}
+           "ppo": "ppo", "policy": os.path.join("ppo", "policy"), "dpo": "dpo"}
     if name in sub:
       return os.path.join(self.workdir, sub[name])
     raise AttributeError(name)
@@ -213,8 +225,7 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   value = (_load(config, reward_path, "scalar")
            if config.ppo.critic_impl.needs_value_model else None)
   reward_graphdef, reward_params = nnx.split(reward)
-  gold_fn = (evaluation.load_gold_judge(config.gold_judge) if config.gold_judge
-             else data_lib.gold_score if config.task.name == "default" else None)
+  gold_fn = _gold_fn(config)
   writer = MetricsWriter(paths.ppo, "metrics")
   trainer = PPOTrainer(
       config.ppo, policy, tokenizer, data_lib.load_prompts(config.prompts),
@@ -236,24 +247,60 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   return final
 
 
+def _gold_fn(config: ExperimentConfig):
+  """The judge the policy never sees: `config.gold_judge`, the built-in task's labeler, or None."""
+  return (evaluation.load_gold_judge(config.gold_judge) if config.gold_judge
+          else data_lib.gold_score if config.task.name == "default" else None)
+
+
+def run_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict:
+  """Stage 2 of the "dpo" method: preference optimisation (`config.dpo`) of the SFT policy on
+  the preference pairs, its reference the SFT policy; writes <workdir>/dpo (the policy's Hugging
+  Face checkpoint, metrics.jsonl, curves.png, samples.md). Returns the final evaluation."""
+  tokenizer = load_tokenizer(config)
+  policy = _load(config, policy_path, "causal_lm")
+  _check_vocab(policy.cfg, tokenizer, "policy")
+  pairs = data_lib.load_preferences(config.preferences)
+  prompts = data_lib.load_prompts(config.eval_prompts) if config.eval_prompts else []
+  writer = MetricsWriter(paths.dpo, "metrics")
+  policy, history, final = train_dpo(policy, tokenizer, pairs, config.dpo, mesh=make_mesh(config),
+                                     log_fn=writer.write, eval_prompts=prompts,
+                                     gold_fn=_gold_fn(config))
+  writer.write(history[-1]["step"], {f"final_{k}": v for k, v in final.items() if k != "samples"})
+  writer.close()
+  _save(policy, tokenizer, paths.dpo)
+  if jax.process_index() == 0:
+    plot_curves(read_jsonl(writer.path), DPO_PLOT_KEYS, os.path.join(paths.dpo, "curves.png"),
+                f"DPO ({config.dpo.loss.name})")
+    with open(os.path.join(paths.dpo, "samples.md"), "w") as f:
+      f.write(evaluation.samples_table(final.get("samples", [])) + "\n")
+  return final
+
+
 def stages(config: ExperimentConfig) -> tuple[str, ...]:
-  """The stages `run_all` runs: SFT unless a policy is given (and no SFT data of your own),
-  the reward model unless one is given, PPO."""
+  """The stages `run_all` runs: SFT unless a policy is given (and no SFT data of your own), then
+  the reward model unless one is given and PPO, or DPO with `method="dpo"`."""
   sft = not config.policy_path or (config.sft_data and config.task.name != "default")
+  if config.method == "dpo":
+    return ("sft",) * bool(sft) + ("dpo",)
   return ("sft",) * bool(sft) + ("reward",) * (not config.reward_path) + ("ppo",)
 
 
 def run_all(config: ExperimentConfig, workdir: str) -> dict:
-  """SFT -> reward model -> PPO, skipping stages whose checkpoint the config provides; every
-  stage's inputs are checked (`preflight.check_run`) before the first writes anything."""
+  """SFT -> reward model -> PPO (or SFT -> DPO), skipping stages whose checkpoint the config
+  provides; every stage's inputs are checked (`preflight.check_run`) before the first writes
+  anything."""
   run = stages(config)
   preflight.check_run(config, workdir, run)
   paths = Paths(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = prepare_default_task(config, paths)
   policy_path = run_sft(config, paths) if "sft" in run else config.policy_path
-  reward_path = run_reward(config, paths, policy_path) if "reward" in run else config.reward_path
-  final = run_ppo(config, paths, policy_path, reward_path)
+  if "dpo" in run:
+    final = run_dpo(config, paths, policy_path)
+  else:
+    reward_path = run_reward(config, paths, policy_path) if "reward" in run else config.reward_path
+    final = run_ppo(config, paths, policy_path, reward_path)
   logging.info("final evaluation: %s", {k: v for k, v in final.items() if k != "samples"})
   return final
 

@@ -20,11 +20,12 @@ import jax
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import evaluation, models, sharding
+from rlhf_jax.trainers import dpo as dpo_lib
 from rlhf_jax.trainers import reward as reward_lib
 from rlhf_jax.trainers import sft as sft_lib
 from rlhf_jax.trainers import supervised
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "ppo", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ def check_run(config: Any, workdir: str, stages: Sequence[str]) -> None:
   tokenizer = _tokenizer(config, workdir)
   policy = _policy(config, tokenizer)
   check_vocab(policy.cfg, tokenizer, f"policy {policy.source}")
-  if config.gold_judge and "ppo" in stages:
+  if config.gold_judge and ("ppo" in stages or "dpo" in stages):
     evaluation.load_gold_judge(config.gold_judge)
   if "sft" in stages:
     _check_max_len("sft", config.sft.max_len, policy)
@@ -60,6 +61,16 @@ def check_run(config: Any, workdir: str, stages: Sequence[str]) -> None:
             _encoded_rows("reward", path, lambda: reward_lib.encode_pairs(
                 tokenizer, data_lib.load_preferences(path), config.reward), policy))
     _check_rows("reward", rows, config.reward)
+  if "dpo" in stages:
+    _check_max_len("dpo", config.dpo.max_len, policy)
+    if config.dpo.sampling.top_k > policy.cfg.vocab_size:
+      raise ValueError(f"--config.dpo.sampling.top_k={config.dpo.sampling.top_k} exceeds the "
+                       f"policy's vocabulary of {policy.cfg.vocab_size}")
+    path = _data_path(config, "preferences")
+    rows = (config.task.num_pairs if path is None else
+            _encoded_rows("dpo", path, lambda: dpo_lib.encode_pairs(
+                tokenizer, data_lib.load_preferences(path), config.dpo), policy))
+    _check_rows("dpo", rows, config.dpo)
   if "ppo" in stages:
     reward = _reward(config, policy, trained="reward" in stages)
     check_vocab(reward.cfg, tokenizer, f"reward model {reward.source}")

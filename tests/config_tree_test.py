@@ -151,6 +151,8 @@ EXPLICIT = {
     "reward.optim.schedule": "linear", "ppo.optim.schedule": "linear",
     "ppo.frozen_param_dtype": "bfloat16", "model.remat": "full", "ppo.micro_batch_size": 8,
     "sft.micro_batch_size": 16, "reward.micro_batch_size": 16,
+    "method": "dpo", "dpo.loss.name": "cdpo", "dpo.sampling.eos_token_id": 3,
+    "dpo.sampling.pad_token_id": 4, "dpo.optim.schedule": "linear", "dpo.micro_batch_size": 16,
 }
 
 

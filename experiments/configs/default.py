@@ -11,7 +11,8 @@ dataclasses is a flag under the same path (`--config.ppo.kl.init_coef=0.2`,
 docs are in those dataclasses. This file sets the default run's values on that tree.
 
 Variants: "default" (offline, 2 CPU cores, a few minutes), "smoke" (seconds; for tests),
-"grpo" (default with group-relative advantages, no critic), "hacking" (default without the KL
+"grpo" (default with group-relative advantages, no critic), "dpo" (SFT then DPO on the
+preference pairs instead of reward model + PPO), "hacking" (default without the KL
 penalty and with a larger learning rate: the policy games the reward model, the gold score falls
 and the reward-hacking monitor fires; the README's lesson).
 
@@ -60,6 +61,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # total_steps stays unset: the schedule spans the run (max_steps x ppo_epochs x minibatches).
   p.optim.update(learning_rate=2e-4, schedule="constant", max_grad_norm=1.0)
 
+  # The "dpo" method's stage: the same pairs as the reward model, the PPO evaluation's prompts
+  # and sampling, so the two routes' figures compare.
+  c.dpo.update(batch_size=64, epochs=2, max_len=32, eval_fraction=0.1, eval_every=50, seed=0,
+               max_prompt_len=12, num_eval_prompts=128)
+  c.dpo.loss.update(name="dpo", beta=0.1)
+  c.dpo.optim.update(learning_rate=1e-4, schedule="cosine", warmup_steps=20)
+  c.dpo.sampling.update(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0)
+
   if variant == "default":
     pass
   elif variant == "smoke":
@@ -68,6 +77,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
                    intermediate_size=64)
     c.sft.update(epochs=1, batch_size=32)
     c.reward.update(epochs=1, batch_size=32)
+    c.dpo.update(epochs=1, batch_size=32, eval_every=0, num_eval_prompts=16)
     p.update(batch_size=16, max_steps=3, eval_every=2, num_eval_prompts=16, num_minibatches=2)
   elif variant == "grpo":
     p.update(group_size=4, batch_size=16, critic="none", whiten_advantages=False,
@@ -75,10 +85,12 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     p.advantage.estimator = "grpo"
     p.policy_loss.name = "grpo"
     p.kl.update(in_reward=False, estimator="k3")
+  elif variant == "dpo":
+    c.method = "dpo"
   elif variant == "hacking":
     p.kl.init_coef = 0.0
     p.optim.learning_rate = 5e-4
     p.eval_every = 5
   else:
-    raise ValueError(f"unknown config variant {variant!r} (default, smoke, grpo, hacking)")
+    raise ValueError(f"unknown config variant {variant!r} (default, smoke, grpo, dpo, hacking)")
   return c
