@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax.models import safetensors_io
 from rlhf_jax.models.config import ConfigError, DecoderConfig, from_hf_config, to_hf_config
 from rlhf_jax.models.transformer import CausalLM, ScalarModel
+from rlhf_jax.sharding import param_shardings
 
 
 class CheckpointError(ValueError):
@@ -195,42 +197,6 @@ def _read_config(path: str) -> dict[str, Any]:
   return hf
 
 
-def _safetensors_files(path: str) -> list[str]:
-  index = os.path.join(path, "model.safetensors.index.json")
-  single = os.path.join(path, "model.safetensors")
-  if os.path.isfile(index):
-    try:
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise CheckpointError(f"{index}: malformed safetensors index ({e!r})") from None
-    files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
-    for f in files:
-      if not os.path.isfile(f):
-        raise CheckpointError(f"{f}: listed in {index} but missing")
-    return files
-  if os.path.isfile(single):
-    return [single]
-  if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in os.listdir(path)):
-    raise CheckpointError(
-        f"{path}: only pickle weights (.bin/.pt) found; rlhf_jax loads safetensors only because "
-        "pickle can execute code. Convert with transformers: "
-        "model.save_pretrained(dir, safe_serialization=True)")
-  raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def _load_tensors(files: list[str]) -> dict[str, np.ndarray]:
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
-  tensors = {}
-  for f in files:
-    try:
-      tensors.update(load_file(f))
-    except (SafetensorError, OSError, ValueError) as e:
-      raise CheckpointError(f"{f}: corrupt or unreadable safetensors file ({e})") from None
-  return tensors
-
-
 def _is_scalar_arch(hf: dict[str, Any]) -> bool:
   archs = hf.get("architectures") or []
   return any(a.endswith("ForSequenceClassification") for a in archs)
@@ -272,9 +238,61 @@ def _get(tree: dict, path: tuple):
   return tree
 
 
+def _open(path: str) -> safetensors_io.TensorFiles:
+  try:
+    return safetensors_io.TensorFiles(safetensors_io.checkpoint_files(path))
+  except safetensors_io.SafetensorsError as e:
+    raise CheckpointError(str(e)) from None
+
+
+def _once_per_block(read):
+  """`read(index)`, computed once per distinct index: the devices of a process that hold the
+  same block (a replicated parameter) share one read of it."""
+  blocks: dict[tuple, np.ndarray] = {}
+
+  def callback(index):
+    key = tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
+    if key not in blocks:
+      blocks[key] = read(index)
+    return blocks[key]
+  return callback
+
+
+class _Reader:
+  """Our parameter at `our_path` (or any slice of it) from the Hugging Face tensors its rules
+  name, converted per layer; a rule that is a plain copy or transpose reads only the slice."""
+
+  def __init__(self, tensors: safetensors_io.TensorFiles, cfg: DecoderConfig,
+               entries: list[tuple[str, tuple, int | None, _Rule]]):
+    self.tensors, self.cfg = tensors, cfg
+    self.parts = [(hf_key, rule) for hf_key, _, _, rule in entries]   # one per layer if stacked
+    self.stacked = entries[0][2] is not None
+
+  def _part(self, hf_key: str, rule: _Rule, rest: tuple) -> np.ndarray:
+    """One Hugging Face tensor in our layout, sliced by `rest`."""
+    src = self.tensors.array(hf_key)
+    if rule.to_ours is _same:
+      return np.asarray(src[rest], np.float32)
+    if rule.to_ours is _t:
+      return np.asarray(src.T[rest], np.float32)
+    return rule.to_ours(np.asarray(src, np.float32), self.cfg)[rest]
+
+  def read(self, index: tuple, dtype) -> np.ndarray:
+    """Our array's block at `index` (a tuple of slices, as `make_array_from_callback` gives)."""
+    if not self.stacked:
+      return self._part(*self.parts[0], index).astype(dtype)
+    layers = range(len(self.parts))[index[0]]
+    return np.stack([self._part(*self.parts[i], index[1:]) for i in layers]).astype(dtype)
+
+
 def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32",
-                    param_dtype: str = "float32", shardings=None, **config_overrides):
+                    param_dtype: str = "float32", shardings=None, mesh=None, **config_overrides):
   """Loads a local Hugging Face checkpoint into a CausalLM or ScalarModel.
+
+  The safetensors files are memory-mapped, never loaded whole. With `mesh` (or `shardings`) every
+  parameter is built shard by shard (`jax.make_array_from_callback`): a process reads only the
+  slices of each tensor that its own devices hold, so no host holds the whole model, and a
+  replicated tensor is read once per process.
 
   Args:
     path: directory with config.json and model.safetensors (or a sharded index).
@@ -283,8 +301,9 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
       zero head (e.g. a critic initialised from the SFT policy).
     dtype: compute dtype ("float32" or "bfloat16").
     param_dtype: storage dtype of the parameters.
-    shardings: optional callable(model) -> State of `jax.sharding.Sharding`s; each tensor goes
-      straight to its devices (see `rlhf_jax.sharding.param_shardings`).
+    shardings: optional callable(model) -> State of `jax.sharding.Sharding`s for the params.
+    mesh: the params placed by their logical axes on this mesh
+      (`rlhf_jax.sharding.param_shardings`); ignored when `shardings` is given.
     **config_overrides: DecoderConfig fields to override.
 
   Raises:
@@ -310,47 +329,54 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
   abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
-  tensors = _load_tensors(_safetensors_files(path))
-  expected = _expand(_rules(cfg, head), cfg)
-  used = set()
-  values: dict[tuple, np.ndarray] = {}
-  layer_values: dict[tuple, list] = {}
-  for hf_key, our_path, layer, rule in expected:
+  tensors = _open(path)
+  entries: dict[tuple, list] = {}
+  want: dict[str, tuple] = {}   # each Hugging Face tensor's shape under this config.json
+  expanded = _expand(_rules(cfg, head), cfg)   # layers in order
+  for hf_key, our_path, layer, rule in expanded:
     if hf_key not in tensors:
       raise CheckpointError(f"{path}: tensor {hf_key!r} missing from the safetensors files")
-    used.add(hf_key)
-    x = tensors[hf_key]
-    if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
-      raise CheckpointError(f"{path}: tensor {hf_key!r} has non-float dtype {x.dtype}")
-    target = _get(pure, our_path)
-    shape = tuple(target.shape[1:] if layer is not None else target.shape)
-    try:
-      y = rule.to_ours(np.asarray(x, np.float32), cfg)
-    except ValueError:
-      y = None
-    if y is None or y.shape != shape:
+    dtype = tensors.dtype(hf_key)
+    if not np.issubdtype(dtype, np.floating) and dtype != jnp.bfloat16:
+      raise CheckpointError(f"{path}: tensor {hf_key!r} has non-float dtype {dtype}")
+    part = _get(pure, our_path).shape[0 if layer is None else 1:]
+    # to_hf of an uninitialised array only reshapes views: the shape, without reading anything.
+    shape = rule.to_hf(np.empty(part, np.float32), cfg).shape
+    if hf_key in want:   # GPT-2 c_attn: q, k, v side by side on the output axis
+      shape = want[hf_key][:-1] + (want[hf_key][-1] + shape[-1],)
+    want[hf_key] = shape
+    entries.setdefault(our_path, []).append((hf_key, our_path, layer, rule))
+  for hf_key, our_path, layer, _ in expanded:
+    if tensors.shape(hf_key) != want[hf_key]:
       where = ".".join(our_path) + ("" if layer is None else f"[{layer}]")
       raise CheckpointError(
-          f"{path}: tensor {hf_key!r} has shape {tuple(x.shape)}, which does not fit "
-          f"{where} of shape {shape} for this config.json")
-    if layer is None:
-      values[our_path] = y
-    else:   # layers arrive in order 0..L-1
-      layer_values.setdefault(our_path, []).append(y)
-  values.update({p: np.stack(ys) for p, ys in layer_values.items()})
+          f"{path}: tensor {hf_key!r} has shape {tensors.shape(hf_key)}, which does not fit "
+          f"{where} (Hugging Face shape {want[hf_key]}) for this config.json")
+  used = {e[0] for es in entries.values() for e in es}
   # An LM head is unused (not unexpected) when tied or when the trunk feeds a fresh scalar head.
-  extra = [k for k in tensors if k not in used and not _IGNORED.search(k)
+  extra = [k for k in tensors.keys() if k not in used and not _IGNORED.search(k)
            and not (k == "lm_head.weight" and (cfg.tie_word_embeddings or head is None))]
   if extra:
     raise CheckpointError(f"{path}: unexpected tensors for {cfg.model_type}: {sorted(extra)[:8]}")
+  if shardings is None and mesh is not None:
+    shardings = lambda m: param_shardings(m, mesh)
   sh_pure = nnx.to_pure_dict(shardings(abstract)) if shardings is not None else None
+  param_dtype = jnp.dtype(cfg.param_dtype)
   for kp, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
     p = tuple(k.key for k in kp)
-    # The only leaf a checkpoint may lack is the scalar head of an LM trunk loaded as "scalar":
-    # it starts at zero, like every fresh head here.
-    arr = values[p] if p in values else np.zeros(leaf.shape)
-    arr = arr.astype(jnp.dtype(cfg.param_dtype))
-    _set(pure, p, jax.device_put(arr, _get(sh_pure, p)) if sh_pure is not None else jnp.asarray(arr))
+    shape = tuple(leaf.shape)
+    if p not in entries:
+      # The only leaf a checkpoint may lack is the scalar head of an LM trunk loaded as
+      # "scalar": it starts at zero, like every fresh head here.
+      read = lambda index, shape=shape: np.zeros(shape, param_dtype)[index]
+    else:
+      reader = _Reader(tensors, cfg, entries[p])
+      read = lambda index, reader=reader: reader.read(index, param_dtype)
+    if sh_pure is None:
+      value = jnp.asarray(read(tuple(slice(None) for _ in shape)))
+    else:
+      value = jax.make_array_from_callback(shape, _get(sh_pure, p), _once_per_block(read))
+    _set(pure, p, value)
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
 
