@@ -158,10 +158,12 @@ def load_tokenizer(config: ExperimentConfig):
 
 def _load(config: ExperimentConfig, path: str, kind: str):
   """A checkpoint with the run's own compute settings (`config.model`: dtypes, remat, logits
-  chunking); its architecture comes from its config.json."""
+  chunking); its architecture comes from its config.json. Each parameter is read straight into
+  its sharding on the run's mesh, each process reading only its own devices' slices."""
   m = config.model
   return models.from_pretrained(path, kind=kind, dtype=m.dtype, param_dtype=m.param_dtype,
-                                remat=m.remat, logits_chunk_size=m.logits_chunk_size)
+                                mesh=make_mesh(config), remat=m.remat,
+                                logits_chunk_size=m.logits_chunk_size)
 
 
 _check_vocab = preflight.check_vocab
