@@ -16,9 +16,10 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import data as data_lib
+from rlhf_jax import rewards as rewards_lib
+from rlhf_jax.data import arithmetic
 from rlhf_jax import evaluation, models, sharding
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
-from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
 from rlhf_jax.trainers.sft import SFTConfig, train_sft
@@ -34,12 +35,15 @@ class TaskConfig:
   """The built-in task (`rlhf_jax.data.synthetic`), written into <workdir>/data.
 
   Attributes:
-    name: "default": the built-in task; "": your own data (the paths in `ExperimentConfig`).
+    name: "default": the built-in task; "arithmetic": sums "12 + 7 =" -> "19" with an
+      exact-match reward (`data.arithmetic`, no preference data: use it with
+      `ppo.rewards.terms=arithmetic`); "": your own data (the paths in `ExperimentConfig`).
     seed: Seed of the task's corpus, pairs, labels and prompts.
     num_sft: SFT demonstrations.
     num_pairs: Preference pairs.
     num_prompts: PPO training prompts (the evaluation prompts number `ppo.num_eval_prompts`).
     label_temperature: Bradley-Terry temperature of the simulated labeler's choices.
+    max_operand: Operands of the "arithmetic" task are 0 .. max_operand - 1.
   """
   name: str = "default"
   seed: int = 0
@@ -47,10 +51,12 @@ class TaskConfig:
   num_pairs: int = 10000
   num_prompts: int = 4096
   label_temperature: float = 0.1
+  max_operand: int = 20
 
   def __post_init__(self):
-    if self.name not in ("default", ""):
-      raise ValueError(f"unknown task {self.name!r}: use 'default' or '' with data paths")
+    if self.name not in ("default", "arithmetic", ""):
+      raise ValueError(f"unknown task {self.name!r}: use 'default', 'arithmetic' or '' with "
+                       "data paths")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +79,8 @@ class ExperimentConfig:
     model: The from-scratch architecture; vocab_size and the pad / EOS ids come from the
       tokenizer. Its dtype and param_dtype also apply to loaded checkpoints.
     sft, reward, ppo: The stages (`rlhf_jax.trainers`).
+    plugins: Comma-separated modules imported before the config is built, so the losses,
+      estimators, critics and rewards they register can be named in it (`rlhf_jax.plugins`).
   """
   task: TaskConfig = TaskConfig()
   mesh_shape: tuple[int, ...] = (-1, 1, 1)
@@ -89,6 +97,7 @@ class ExperimentConfig:
   sft: SFTConfig = SFTConfig()
   reward: RewardConfig = RewardConfig()
   ppo: PPOTrainerConfig = PPOTrainerConfig()
+  plugins: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +121,22 @@ def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentCo
   """Writes the built-in task's data files and tokenizer into the workdir; returns the config
   pointed at them, so the default run reads data through the same loaders as users' files."""
   t = config.task
-  if t.name != "default":
+  if t.name == "default":
+    task = data_lib.make_default_task(
+        seed=t.seed, n_sft=max(t.num_sft, 1), n_pairs=t.num_pairs, n_prompts=t.num_prompts,
+        n_eval_prompts=config.ppo.num_eval_prompts, label_temperature=t.label_temperature)
+    words = data_lib.vocabulary()
+  elif t.name == "arithmetic":
+    task = arithmetic.make_arithmetic_task(
+        seed=t.seed, n_sft=max(t.num_sft, 1), n_prompts=t.num_prompts,
+        n_eval_prompts=config.ppo.num_eval_prompts, max_operand=t.max_operand)
+    words = arithmetic.vocabulary(t.max_operand)
+  else:
     return config
-  task = data_lib.make_default_task(
-      seed=t.seed, n_sft=max(t.num_sft, 1), n_pairs=t.num_pairs, n_prompts=t.num_prompts,
-      n_eval_prompts=config.ppo.num_eval_prompts, label_temperature=t.label_temperature)
   if jax.process_index() == 0:
     files = data_lib.write_default_task(task, paths.data)
     if not os.path.isdir(paths.tokenizer):
-      data_lib.build_tokenizer(data_lib.vocabulary(), paths.tokenizer)
+      data_lib.build_tokenizer(words, paths.tokenizer)
   else:   # every process derives the same file names; process 0 writes them
     files = data_lib.DefaultTaskFiles(*(os.path.join(paths.data, f) for f in (
         "sft.jsonl", "preferences.jsonl", "train_prompts.jsonl", "eval_prompts.jsonl")))
@@ -201,27 +217,41 @@ def run_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
   return paths.reward
 
 
+def needs_reward_model(config: ExperimentConfig) -> bool:
+  """Whether PPO reads a reward-model checkpoint: as a reward term, or to initialise a critic."""
+  return config.ppo.rewards.uses_reward_model or config.ppo.critic_impl.needs_value_model
+
+
 def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_path: str) -> dict:
-  """Stage 3: PPO from the SFT policy against the reward model; writes <workdir>/ppo.
+  """Stage 3: PPO from the SFT policy against `config.ppo.rewards` (the reward model by
+  default); writes <workdir>/ppo. `reward_path` may be "" when no reward model is needed.
 
   Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
   """
+  if needs_reward_model(config) and not reward_path:
+    raise ValueError(f"ppo.rewards.terms={config.ppo.rewards.terms!r} with "
+                     f"ppo.critic={config.ppo.critic!r} needs a reward model: set "
+                     "--config.reward_path")
   tokenizer = load_tokenizer(config)
   policy = _load(config, policy_path, "causal_lm")
-  reward = _load(config, reward_path, "scalar")
   _check_vocab(policy.cfg, tokenizer, "policy")
-  _check_vocab(reward.cfg, tokenizer, "reward model")
+  reward_graphdef = reward_params = None
+  if config.ppo.rewards.uses_reward_model:
+    reward = _load(config, reward_path, "scalar")
+    _check_vocab(reward.cfg, tokenizer, "reward model")
+    reward_graphdef, reward_params = nnx.split(reward)
   # Critic initialised from the reward model (N implementation details of RLHF).
   value = (_load(config, reward_path, "scalar")
            if config.ppo.critic_impl.needs_value_model else None)
-  reward_graphdef, reward_params = nnx.split(reward)
+  reward_fn = rewards_lib.make_reward_fn(config.ppo.rewards, tokenizer=tokenizer,
+                                         reward_graphdef=reward_graphdef)
   gold_fn = (evaluation.load_gold_judge(config.gold_judge) if config.gold_judge
              else data_lib.gold_score if config.task.name == "default" else None)
   writer = MetricsWriter(paths.ppo, "metrics")
   trainer = PPOTrainer(
       config.ppo, policy, tokenizer, data_lib.load_prompts(config.prompts),
       data_lib.load_prompts(config.eval_prompts) if config.eval_prompts else [],
-      reward_fn=reward_model_fn(reward_graphdef), reward_params=reward_params,
+      reward_fn=reward_fn, reward_params=reward_params,
       value_model=value, gold_fn=gold_fn, mesh=make_mesh(config), writer=writer,
       checkpoint_dir=os.path.join(os.path.abspath(paths.ppo), "checkpoints"))
   final = trainer.train()
@@ -244,9 +274,11 @@ def run_all(config: ExperimentConfig, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   config = prepare_default_task(config, paths)
   policy_path = config.policy_path
-  if not policy_path or (config.sft_data and config.task.name != "default"):
+  if not policy_path or (config.sft_data and config.task.name == ""):
     policy_path = run_sft(config, paths)
-  reward_path = config.reward_path or run_reward(config, paths, policy_path)
+  reward_path = config.reward_path
+  if not reward_path and needs_reward_model(config):
+    reward_path = run_reward(config, paths, policy_path)
   final = run_ppo(config, paths, policy_path, reward_path)
   logging.info("final evaluation: %s", {k: v for k, v in final.items() if k != "samples"})
   return final

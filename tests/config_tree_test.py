@@ -131,6 +131,7 @@ EXPLICIT = {
     "reward.optim.schedule": "linear", "ppo.optim.schedule": "linear",
     "ppo.frozen_param_dtype": "bfloat16", "model.remat": "full", "ppo.micro_batch_size": 8,
     "sft.micro_batch_size": 16, "reward.micro_batch_size": 16,
+    "ppo.rewards.terms": "reward_model+0.5*format",
 }
 
 
@@ -199,5 +200,8 @@ def test_variants_build():
                  for v in ("smoke", "grpo"))
   assert smoke.ppo.max_steps == 3 and smoke.task.num_sft == 256
   assert grpo.ppo.advantage.estimator == "grpo" and grpo.ppo.critic == "none"
+  math = from_config_dict(ExperimentConfig, default_config.get_config("grpo_math"))
+  assert math.task.name == "arithmetic" and math.ppo.rewards.terms == "arithmetic"
+  assert math.ppo.group_size > 1 and not math.ppo.rewards.uses_reward_model
   with pytest.raises(ValueError, match="unknown config variant 'nosuch'"):
     default_config.get_config("nosuch")

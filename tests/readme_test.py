@@ -3,11 +3,11 @@
 import pathlib
 import re
 
-from rlhf_jax import advantages, critics, kl, losses
+from rlhf_jax import advantages, critics, kl, losses, rewards
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 REGISTRIES = (losses.POLICY_LOSSES, losses.VALUE_LOSSES, advantages.ADVANTAGE_ESTIMATORS,
-              kl.KL_ESTIMATORS, kl.KL_CONTROLLERS, critics.CRITICS)
+              kl.KL_ESTIMATORS, kl.KL_CONTROLLERS, critics.CRITICS, rewards.REWARDS)
 
 
 def _registered_names_table() -> dict[str, set[str]]:
