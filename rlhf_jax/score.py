@@ -71,6 +71,8 @@ class Scored:
     token_rewards: [B, N] per-token reward: -coef * kl (KL in reward) plus the score at the last
       valid token.
     values: [B, N] critic values at sampling time, or None without a critic.
+    trainer_logprobs: [B, N] the completion's log-probs under the trainer's forward of the
+      sampling policy (`collect` fills them; `rlhf_jax.mismatch`), or None.
   """
   rollout: Rollout
   ref_logprobs: jax.Array
@@ -79,6 +81,7 @@ class Scored:
   scores: jax.Array
   token_rewards: jax.Array
   values: jax.Array | None = None
+  trainer_logprobs: jax.Array | None = None
 
 
 def completion_logprobs(model, rollout: Rollout, hidden: jax.Array | None = None,
