@@ -7,11 +7,13 @@ trainer, the tests and the benchmark all call this one function, so what is meas
 trains.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
 from flax import nnx
 
+from rlhf_jax.masked import masked_sum
 from rlhf_jax.mismatch import mismatch_metrics
 from rlhf_jax.ppo import PPOConfig, TrainState
 from rlhf_jax.rollout import completion_hidden, rollout
@@ -53,4 +55,15 @@ def collect(cfg: PPOConfig, state: TrainState, prompt_ids: jax.Array, prompt_mas
                           reward_fn=reward_fn, reward_params=reward_params,
                           kl_coef=state.kl.coef, reward_norm=reward_norm)
   metrics.update(mismatch_metrics(trainer_logprobs, ro.logprobs, ro.completion_mask))
-  return scored.replace(values=values, trainer_logprobs=trainer_logprobs), metrics
+  baselines = None
+  if cfg.advantage.estimator == "remax":
+    # ReMax's baseline (Li et al. 2023): the greedy completion of the same prompt, same reward.
+    greedy = rollout(state.policy_graphdef, policy_params, prompt_ids, prompt_mask, rng,
+                     dataclasses.replace(cfg.sampling, greedy=True))
+    greedy_scored, _ = score(cfg, greedy, ref_graphdef=ref_graphdef, ref_params=ref_params,
+                             reward_fn=reward_fn, reward_params=reward_params,
+                             kl_coef=state.kl.coef, reward_norm=reward_norm)
+    baselines = masked_sum(greedy_scored.token_rewards, greedy.completion_mask, axis=-1)
+    metrics["remax_baseline_mean"] = baselines.mean()
+  return scored.replace(values=values, trainer_logprobs=trainer_logprobs,
+                        baselines=baselines), metrics

@@ -44,6 +44,7 @@ class TaskConfig:
     num_prompts: PPO training prompts (the evaluation prompts number `ppo.num_eval_prompts`).
     label_temperature: Bradley-Terry temperature of the simulated labeler's choices.
     max_operand: Operands of the "arithmetic" task are 0 .. max_operand - 1.
+    sft_noise: Share of the "arithmetic" task's demonstrations whose answer is off by one.
   """
   name: str = "default"
   seed: int = 0
@@ -52,6 +53,7 @@ class TaskConfig:
   num_prompts: int = 4096
   label_temperature: float = 0.1
   max_operand: int = 20
+  sft_noise: float = 0.0
 
   def __post_init__(self):
     if self.name not in ("default", "arithmetic", ""):
@@ -129,7 +131,8 @@ def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentCo
   elif t.name == "arithmetic":
     task = arithmetic.make_arithmetic_task(
         seed=t.seed, n_sft=max(t.num_sft, 1), n_prompts=t.num_prompts,
-        n_eval_prompts=config.ppo.num_eval_prompts, max_operand=t.max_operand)
+        n_eval_prompts=config.ppo.num_eval_prompts, max_operand=t.max_operand,
+        sft_noise=t.sft_noise)
     words = arithmetic.vocabulary(t.max_operand)
   else:
     return config

@@ -210,8 +210,12 @@ def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
   loss = pg_loss - cfg.ent_coef * entropy
   metrics = {"pg_loss": pg_loss, "entropy": entropy, **jax.tree.map(per_token, aux)}
   if not cfg.kl.in_reward:
-    kl_loss = per_token(masked_mean(
-        kl_lib.kl_penalty(cfg.kl.estimator, logprobs, mb.ref_logprobs), mask))
+    kl = kl_lib.kl_penalty(cfg.kl.estimator, logprobs, mb.ref_logprobs)
+    if cfg.kl.loss_average == "sequence":   # mean over sequences of their token means
+      kl_loss = share["sequence"] * masked_mean(masked_mean(kl, mask, axis=-1),
+                                                jnp.any(mask > 0, axis=-1))
+    else:
+      kl_loss = per_token(masked_mean(kl, mask))
     loss = loss + kl_coef * kl_loss
     metrics["kl_loss"] = kl_loss
   values = cfg.critic_impl.values(state.value_graphdef, params["value"], rollout, lambda: hidden)
@@ -255,7 +259,8 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
   chex.assert_equal_shape([mask, scored.token_rewards, rollout.logprobs])
   advantages, returns = compute_advantages(
       cfg.advantage, AdvantageInputs(token_rewards=scored.token_rewards, values=scored.values,
-                                     mask=mask, group_size=cfg.group_size))
+                                     mask=mask, group_size=cfg.group_size,
+                                     baselines=scored.baselines))
   if cfg.whiten_advantages:
     advantages = masked_whiten(advantages, mask)
   old_logprobs = rollout.logprobs

@@ -73,6 +73,8 @@ class Scored:
     values: [B, N] critic values at sampling time, or None without a critic.
     trainer_logprobs: [B, N] the completion's log-probs under the trainer's forward of the
       sampling policy (`collect` fills them; `rlhf_jax.mismatch`), or None.
+    baselines: [B] the return sum_t r_t of the greedy completion of each row's prompt, scored
+      the same way (`collect` fills them for the "remax" estimator), or None.
   """
   rollout: Rollout
   ref_logprobs: jax.Array
@@ -82,6 +84,7 @@ class Scored:
   token_rewards: jax.Array
   values: jax.Array | None = None
   trainer_logprobs: jax.Array | None = None
+  baselines: jax.Array | None = None
 
 
 def completion_logprobs(model, rollout: Rollout, hidden: jax.Array | None = None,

@@ -132,6 +132,7 @@ EXPLICIT = {
     "ppo.frozen_param_dtype": "bfloat16", "model.remat": "full", "ppo.micro_batch_size": 8,
     "sft.micro_batch_size": 16, "reward.micro_batch_size": 16,
     "ppo.rewards.terms": "reward_model+0.5*format", "ppo.mismatch.correction": "tis",
+    "ppo.kl.loss_average": "sequence",
 }
 
 

@@ -43,7 +43,8 @@ def exact_match(prompt: str, completion: str) -> float:
 
 
 def make_arithmetic_task(seed: int = 0, n_sft: int = 2000, n_prompts: int = 2048,
-                         n_eval_prompts: int = 64, max_operand: int = 20) -> DefaultTask:
+                         n_eval_prompts: int = 64, max_operand: int = 20,
+                         sft_noise: float = 0.0) -> DefaultTask:
   """The task, a pure function of its arguments.
 
   Args:
@@ -52,7 +53,12 @@ def make_arithmetic_task(seed: int = 0, n_sft: int = 2000, n_prompts: int = 2048
     n_prompts: RL training prompts, drawn with replacement from the training problems.
     n_eval_prompts: Distinct held-out problems (at most half of all max_operand^2).
     max_operand: Operands are 0 .. max_operand - 1.
+    sft_noise: Share of demonstrations whose answer is off by one (a + b +- 1, clipped to the
+      vocabulary): a demonstrator with a systematic slip, the kind of error the verifier's
+      reward lets RL unlearn.
   """
+  if not 0.0 <= sft_noise <= 1.0:
+    raise ValueError(f"task.sft_noise must be in [0, 1], got {sft_noise}")
   if max_operand < 2:
     raise ValueError(f"task.max_operand must be >= 2, got {max_operand}")
   problems = [(a, b) for a in range(max_operand) for b in range(max_operand)]
@@ -63,8 +69,12 @@ def make_arithmetic_task(seed: int = 0, n_sft: int = 2000, n_prompts: int = 2048
   held_out = [problems[i] for i in order[:n_eval_prompts]]
   train = [problems[i] for i in order[n_eval_prompts:]]
   rng = np.random.default_rng([seed, _SFT_STREAM])
-  sft = [SFTExample(prompt_of(a, b), str(a + b))
-         for a, b in (train[i] for i in rng.integers(len(train), size=n_sft))]
+  sft = []
+  for i, slip, sign in zip(rng.integers(len(train), size=n_sft), rng.random(n_sft) < sft_noise,
+                           rng.choice((-1, 1), size=n_sft)):
+    a, b = train[i]
+    answer = min(max(a + b + sign * slip, 0), 2 * max_operand - 2)
+    sft.append(SFTExample(prompt_of(a, b), str(answer)))
   rng = np.random.default_rng([seed, _PROMPT_STREAM])
   prompts = [prompt_of(*train[i]) for i in rng.integers(len(train), size=n_prompts)]
   return DefaultTask(sft=sft, preferences=[], train_prompts=prompts,
