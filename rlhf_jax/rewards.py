@@ -153,7 +153,10 @@ def _text_scores(cfg: RewardsConfig, fns: list[Callable], tokenizer, rollout: Ro
   """[B, len(fns)] float32 text rewards of the decoded prompts and completions, on the host."""
   from rlhf_jax import evaluation   # the decoding helpers; evaluation imports nothing of ours
 
-  def host(prompt_ids, prompt_mask, completion_ids, completion_mask):
+  def host(*arrays):
+    # Host copies first: a JAX op inside the callback (iterating over a jax.Array) can deadlock
+    # the runtime that is waiting on this callback.
+    prompt_ids, prompt_mask, completion_ids, completion_mask = (np.asarray(a) for a in arrays)
     prompts = tokenizer.batch_decode(evaluation.valid_rows(prompt_ids, prompt_mask),
                                      skip_special_tokens=True)
     texts = evaluation.completion_texts(tokenizer, completion_ids, completion_mask)
