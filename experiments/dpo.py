@@ -10,8 +10,7 @@ SFT -> DPO in one command: `python -m experiments.rlhf --config=experiments/conf
 import json
 
 from experiments import common
-from rlhf_jax import pipeline
-from rlhf_jax.config_tree import from_config_dict
+from rlhf_jax import pipeline, plugins, preflight
 
 _CONFIG, _WORKDIR = common.define_flags()
 
@@ -19,10 +18,11 @@ _CONFIG, _WORKDIR = common.define_flags()
 def main(argv):
   del argv
   common.setup()
-  config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
+  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
   if not config.policy_path:
     raise ValueError("set --config.policy_path to the SFT checkpoint DPO starts from (and "
                      "takes as its reference)")
+  preflight.check_run(config, _WORKDIR.value, ("dpo",))
   paths = pipeline.Paths(_WORKDIR.value)
   config = pipeline.prepare_default_task(config, paths)
   final = pipeline.run_dpo(config, paths, config.policy_path)

@@ -9,8 +9,7 @@ r"""Stage 3 alone: PPO from an SFT policy against a reward model; writes <workdi
 import json
 
 from experiments import common
-from rlhf_jax import pipeline, preflight
-from rlhf_jax.config_tree import from_config_dict
+from rlhf_jax import pipeline, plugins, preflight
 
 _CONFIG, _WORKDIR = common.define_flags()
 
@@ -18,9 +17,10 @@ _CONFIG, _WORKDIR = common.define_flags()
 def main(argv):
   del argv
   common.setup()
-  config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
-  if not (config.policy_path and config.reward_path):
-    raise ValueError("set --config.policy_path and --config.reward_path (Hugging Face checkpoints)")
+  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
+  if not config.policy_path:
+    raise ValueError("set --config.policy_path (a Hugging Face checkpoint; and --config."
+                     "reward_path when the rewards or the critic need a reward model)")
   preflight.check_run(config, _WORKDIR.value, ("ppo",))
   paths = pipeline.Paths(_WORKDIR.value)
   config = pipeline.prepare_default_task(config, paths)

@@ -6,8 +6,7 @@ r"""Stage 2 alone: Bradley-Terry reward model; writes <workdir>/reward.
 """
 
 from experiments import common
-from rlhf_jax import pipeline, preflight
-from rlhf_jax.config_tree import from_config_dict
+from rlhf_jax import pipeline, plugins, preflight
 
 _CONFIG, _WORKDIR = common.define_flags()
 
@@ -15,7 +14,7 @@ _CONFIG, _WORKDIR = common.define_flags()
 def main(argv):
   del argv
   common.setup()
-  config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
+  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
   if not config.policy_path:
     raise ValueError("set --config.policy_path to the SFT checkpoint the reward model starts from")
   preflight.check_run(config, _WORKDIR.value, ("reward",))

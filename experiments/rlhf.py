@@ -10,8 +10,7 @@ r"""SFT -> reward model -> PPO (or SFT -> DPO, `method="dpo"`) in one command.
 import json
 
 from experiments import common
-from rlhf_jax import pipeline
-from rlhf_jax.config_tree import from_config_dict
+from rlhf_jax import pipeline, plugins
 
 _CONFIG, _WORKDIR = common.define_flags()
 
@@ -19,7 +18,7 @@ _CONFIG, _WORKDIR = common.define_flags()
 def main(argv):
   del argv
   common.setup()
-  config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
+  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
   final = pipeline.run_all(config, _WORKDIR.value)
   print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
 

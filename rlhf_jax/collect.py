@@ -1,19 +1,23 @@
 """`collect`: the experience half of one RL iteration, as one pure function.
 
-rollout (the policy samples completions) -> the critic's values at sampling time -> score
+rollout (the policy samples completions) -> the trainer's forward on them (log-probs for the
+rollout/trainer mismatch metrics, `rlhf_jax.mismatch`; the critic's values) -> score
 (reference log-probs, per-token KL, rewards) -> a `Scored` batch that `ppo_update` consumes. The
 trainer, the tests and the benchmark all call this one function, so what is measured is what
 trains.
 """
 
+import dataclasses
 from typing import Any
 
 import jax
 from flax import nnx
 
+from rlhf_jax.masked import masked_sum
+from rlhf_jax.mismatch import mismatch_metrics
 from rlhf_jax.ppo import PPOConfig, TrainState
 from rlhf_jax.rollout import completion_hidden, rollout
-from rlhf_jax.score import RewardFn, RewardNorm, Scored, score
+from rlhf_jax.score import RewardFn, RewardNorm, Scored, completion_logprobs, score
 
 
 def collect(cfg: PPOConfig, state: TrainState, prompt_ids: jax.Array, prompt_mask: jax.Array,
@@ -41,10 +45,25 @@ def collect(cfg: PPOConfig, state: TrainState, prompt_ids: jax.Array, prompt_mas
   """
   policy_params = state.params["policy"]
   ro = rollout(state.policy_graphdef, policy_params, prompt_ids, prompt_mask, rng, cfg.sampling)
-  values = cfg.critic_impl.values(
-      state.value_graphdef, state.params["value"], ro,
-      lambda: completion_hidden(nnx.merge(state.policy_graphdef, policy_params), ro))
+  # The trainer's forward on the sampled tokens: the mismatch metrics, pi_old when recomputed,
+  # and the trunk a shared critic reads.
+  policy = nnx.merge(state.policy_graphdef, policy_params)
+  hidden = completion_hidden(policy, ro)
+  trainer_logprobs = completion_logprobs(policy, ro, hidden)
+  values = cfg.critic_impl.values(state.value_graphdef, state.params["value"], ro, lambda: hidden)
   scored, metrics = score(cfg, ro, ref_graphdef=ref_graphdef, ref_params=ref_params,
                           reward_fn=reward_fn, reward_params=reward_params,
                           kl_coef=state.kl.coef, reward_norm=reward_norm)
-  return scored.replace(values=values), metrics
+  metrics.update(mismatch_metrics(trainer_logprobs, ro.logprobs, ro.completion_mask))
+  baselines = None
+  if cfg.advantage.estimator == "remax":
+    # ReMax's baseline (Li et al. 2023): the greedy completion of the same prompt, same reward.
+    greedy = rollout(state.policy_graphdef, policy_params, prompt_ids, prompt_mask, rng,
+                     dataclasses.replace(cfg.sampling, greedy=True))
+    greedy_scored, _ = score(cfg, greedy, ref_graphdef=ref_graphdef, ref_params=ref_params,
+                             reward_fn=reward_fn, reward_params=reward_params,
+                             kl_coef=state.kl.coef, reward_norm=reward_norm)
+    baselines = masked_sum(greedy_scored.token_rewards, greedy.completion_mask, axis=-1)
+    metrics["remax_baseline_mean"] = baselines.mean()
+  return scored.replace(values=values, trainer_logprobs=trainer_logprobs,
+                        baselines=baselines), metrics

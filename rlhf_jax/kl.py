@@ -102,6 +102,10 @@ class KLConfig:
     controller: Key of `KL_CONTROLLERS` ("fixed" or "adaptive").
     target: Target KL per sequence of the adaptive controller (Ziegler et al.: 6 nats).
     horizon: Horizon of the adaptive controller, in samples (Ziegler et al.: 10000).
+    loss_average: How the KL in the loss (in_reward=False) is averaged: "token", over the valid
+      tokens of the minibatch; "sequence", per sequence over its tokens and then over the
+      sequences, as GRPO's objective writes it (Shao et al. 2024, eq. 3:
+      1/G sum_i 1/|o_i| sum_t KL_it).
   """
 
   estimator: str = "k1"
@@ -110,8 +114,12 @@ class KLConfig:
   controller: str = "fixed"
   target: float = 6.0
   horizon: int = 10000
+  loss_average: str = "token"
 
   def __post_init__(self):
+    if self.loss_average not in ("token", "sequence"):
+      raise ValueError(f"kl.loss_average must be 'token' or 'sequence', got "
+                       f"{self.loss_average!r}")
     if self.init_coef < 0:
       raise ValueError(f"init_coef must be >= 0, got {self.init_coef}")
     if self.target <= 0:

@@ -18,8 +18,9 @@ from flax import nnx
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import evaluation, models, preflight, sharding
+from rlhf_jax import rewards as rewards_lib
+from rlhf_jax.data import arithmetic
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
-from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.dpo import DPOConfig, train_dpo
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
@@ -38,12 +39,16 @@ class TaskConfig:
   """The built-in task (`rlhf_jax.data.synthetic`), written into <workdir>/data.
 
   Attributes:
-    name: "default": the built-in task; "": your own data (the paths in `ExperimentConfig`).
+    name: "default": the built-in task; "arithmetic": sums "12 + 7 =" -> "19" with an
+      exact-match reward (`data.arithmetic`, no preference data: use it with
+      `ppo.rewards.terms=arithmetic`); "": your own data (the paths in `ExperimentConfig`).
     seed: Seed of the task's corpus, pairs, labels and prompts.
     num_sft: SFT demonstrations.
     num_pairs: Preference pairs.
     num_prompts: PPO training prompts (the evaluation prompts number `ppo.num_eval_prompts`).
     label_temperature: Bradley-Terry temperature of the simulated labeler's choices.
+    max_operand: Operands of the "arithmetic" task are 0 .. max_operand - 1.
+    sft_noise: Share of the "arithmetic" task's demonstrations whose answer is off by one.
   """
   name: str = "default"
   seed: int = 0
@@ -51,10 +56,13 @@ class TaskConfig:
   num_pairs: int = 10000
   num_prompts: int = 4096
   label_temperature: float = 0.1
+  max_operand: int = 20
+  sft_noise: float = 0.0
 
   def __post_init__(self):
-    if self.name not in ("default", ""):
-      raise ValueError(f"unknown task {self.name!r}: use 'default' or '' with data paths")
+    if self.name not in ("default", "arithmetic", ""):
+      raise ValueError(f"unknown task {self.name!r}: use 'default', 'arithmetic' or '' with "
+                       "data paths")
     for name in ("seed", "num_sft", "num_pairs", "num_prompts"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -84,6 +92,8 @@ class ExperimentConfig:
     method: The optimisation stage after SFT: "ppo" (reward model, then PPO against it) or
       "dpo" (offline preference optimisation on the pairs, `dpo.loss.name`; no reward model).
     sft, reward, ppo, dpo: The stages (`rlhf_jax.trainers`).
+    plugins: Comma-separated modules imported before the config is built, so the losses,
+      estimators, critics and rewards they register can be named in it (`rlhf_jax.plugins`).
   """
   task: TaskConfig = TaskConfig()
   mesh_shape: tuple[int, ...] = (-1, 1, 1)
@@ -102,6 +112,7 @@ class ExperimentConfig:
   ppo: PPOTrainerConfig = PPOTrainerConfig()
   method: str = "ppo"
   dpo: DPOConfig = DPOConfig()
+  plugins: str = ""
 
   def __post_init__(self):
     if self.method not in ("ppo", "dpo"):
@@ -129,15 +140,23 @@ def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentCo
   """Writes the built-in task's data files and tokenizer into the workdir; returns the config
   pointed at them, so the default run reads data through the same loaders as users' files."""
   t = config.task
-  if t.name != "default":
+  if t.name == "default":
+    task = data_lib.make_default_task(
+        seed=t.seed, n_sft=max(t.num_sft, 1), n_pairs=t.num_pairs, n_prompts=t.num_prompts,
+        n_eval_prompts=config.ppo.num_eval_prompts, label_temperature=t.label_temperature)
+    words = data_lib.vocabulary()
+  elif t.name == "arithmetic":
+    task = arithmetic.make_arithmetic_task(
+        seed=t.seed, n_sft=max(t.num_sft, 1), n_prompts=t.num_prompts,
+        n_eval_prompts=config.ppo.num_eval_prompts, max_operand=t.max_operand,
+        sft_noise=t.sft_noise)
+    words = arithmetic.vocabulary(t.max_operand)
+  else:
     return config
-  task = data_lib.make_default_task(
-      seed=t.seed, n_sft=max(t.num_sft, 1), n_pairs=t.num_pairs, n_prompts=t.num_prompts,
-      n_eval_prompts=config.ppo.num_eval_prompts, label_temperature=t.label_temperature)
   if jax.process_index() == 0:
     files = data_lib.write_default_task(task, paths.data)
     if not os.path.isdir(paths.tokenizer):
-      data_lib.build_tokenizer(data_lib.vocabulary(), paths.tokenizer)
+      data_lib.build_tokenizer(words, paths.tokenizer)
   else:   # every process derives the same file names; process 0 writes them
     files = data_lib.DefaultTaskFiles(*(os.path.join(paths.data, f) for f in (
         "sft.jsonl", "preferences.jsonl", "train_prompts.jsonl", "eval_prompts.jsonl")))
@@ -213,26 +232,40 @@ def run_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
   return paths.reward
 
 
+def needs_reward_model(config: ExperimentConfig) -> bool:
+  """Whether PPO reads a reward-model checkpoint: as a reward term, or to initialise a critic."""
+  return config.ppo.rewards.uses_reward_model or config.ppo.critic_impl.needs_value_model
+
+
 def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_path: str) -> dict:
-  """Stage 3: PPO from the SFT policy against the reward model; writes <workdir>/ppo.
+  """Stage 3: PPO from the SFT policy against `config.ppo.rewards` (the reward model by
+  default); writes <workdir>/ppo. `reward_path` may be "" when no reward model is needed.
 
   Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
   """
+  if needs_reward_model(config) and not reward_path:
+    raise ValueError(f"ppo.rewards.terms={config.ppo.rewards.terms!r} with "
+                     f"ppo.critic={config.ppo.critic!r} needs a reward model: set "
+                     "--config.reward_path")
   tokenizer = load_tokenizer(config)
   policy = _load(config, policy_path, "causal_lm")
-  reward = _load(config, reward_path, "scalar")
   _check_vocab(policy.cfg, tokenizer, "policy")
-  _check_vocab(reward.cfg, tokenizer, "reward model")
+  reward_graphdef = reward_params = None
+  if config.ppo.rewards.uses_reward_model:
+    reward = _load(config, reward_path, "scalar")
+    _check_vocab(reward.cfg, tokenizer, "reward model")
+    reward_graphdef, reward_params = nnx.split(reward)
   # Critic initialised from the reward model (N implementation details of RLHF).
   value = (_load(config, reward_path, "scalar")
            if config.ppo.critic_impl.needs_value_model else None)
-  reward_graphdef, reward_params = nnx.split(reward)
+  reward_fn = rewards_lib.make_reward_fn(config.ppo.rewards, tokenizer=tokenizer,
+                                         reward_graphdef=reward_graphdef)
   gold_fn = _gold_fn(config)
   writer = MetricsWriter(paths.ppo, "metrics")
   trainer = PPOTrainer(
       config.ppo, policy, tokenizer, data_lib.load_prompts(config.prompts),
       data_lib.load_prompts(config.eval_prompts) if config.eval_prompts else [],
-      reward_fn=reward_model_fn(reward_graphdef), reward_params=reward_params,
+      reward_fn=reward_fn, reward_params=reward_params,
       value_model=value, gold_fn=gold_fn, mesh=make_mesh(config), writer=writer,
       checkpoint_dir=os.path.join(os.path.abspath(paths.ppo), "checkpoints"))
   final = trainer.train()
@@ -282,10 +315,11 @@ def run_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict:
 def stages(config: ExperimentConfig) -> tuple[str, ...]:
   """The stages `run_all` runs: SFT unless a policy is given (and no SFT data of your own), then
   the reward model unless one is given and PPO, or DPO with `method="dpo"`."""
-  sft = not config.policy_path or (config.sft_data and config.task.name != "default")
+  sft = not config.policy_path or (config.sft_data and config.task.name == "")
   if config.method == "dpo":
     return ("sft",) * bool(sft) + ("dpo",)
-  return ("sft",) * bool(sft) + ("reward",) * (not config.reward_path) + ("ppo",)
+  reward = not config.reward_path and needs_reward_model(config)
+  return ("sft",) * bool(sft) + ("reward",) * reward + ("ppo",)
 
 
 def run_all(config: ExperimentConfig, workdir: str) -> dict:

@@ -26,6 +26,7 @@ from rlhf_jax.critics import CRITICS
 from rlhf_jax.losses import (POLICY_LOSSES, VALUE_LOSSES, PolicyLossConfig, ValueLossConfig,
                              loss_normalizer, normalizer_counts, policy_loss, value_loss)
 from rlhf_jax.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf_jax.mismatch import MismatchConfig, correction_weights
 from rlhf_jax.rollout import Rollout, SamplingConfig, completion_hidden
 from rlhf_jax.score import Scored, completion_logprobs
 
@@ -61,6 +62,8 @@ class PPOConfig:
     missing_eos_penalty: Subtracted from the score of completions cut before EOS (TRL's
       `missing_eos_penalty`; 0 disables it).
     whiten_scores: Whiten sequence scores over the batch after normalisation.
+    mismatch: Sampler / trainer log-prob mismatch: pi_old from the trainer's forward
+      (`recompute_logprobs`) and a correction of the advantages by name (`rlhf_jax.mismatch`).
   """
   sampling: SamplingConfig = SamplingConfig()
   group_size: int = 1
@@ -77,6 +80,7 @@ class PPOConfig:
   whiten_advantages: bool = True
   missing_eos_penalty: float = 0.0
   whiten_scores: bool = False
+  mismatch: MismatchConfig = MismatchConfig()
 
   def __post_init__(self):
     critic = CRITICS.get(self.critic)
@@ -169,7 +173,8 @@ class Minibatch:
 
   Attributes:
     rollout: The completions (with the temperature they were sampled at).
-    old_logprobs: [B, N] sampling-time log-probs.
+    old_logprobs: [B, N] sampling-time log-probs (the sampler's, or the trainer's forward with
+      `mismatch.recompute_logprobs`).
     ref_logprobs: [B, N] reference-policy log-probs.
     advantages, returns: [B, N] from the estimator (advantages whitened if configured).
     old_values: [B, N] critic values at sampling time (0 without a critic).
@@ -205,8 +210,12 @@ def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
   loss = pg_loss - cfg.ent_coef * entropy
   metrics = {"pg_loss": pg_loss, "entropy": entropy, **jax.tree.map(per_token, aux)}
   if not cfg.kl.in_reward:
-    kl_loss = per_token(masked_mean(
-        kl_lib.kl_penalty(cfg.kl.estimator, logprobs, mb.ref_logprobs), mask))
+    kl = kl_lib.kl_penalty(cfg.kl.estimator, logprobs, mb.ref_logprobs)
+    if cfg.kl.loss_average == "sequence":   # mean over sequences of their token means
+      kl_loss = share["sequence"] * masked_mean(masked_mean(kl, mask, axis=-1),
+                                                jnp.any(mask > 0, axis=-1))
+    else:
+      kl_loss = per_token(masked_mean(kl, mask))
     loss = loss + kl_coef * kl_loss
     metrics["kl_loss"] = kl_loss
   values = cfg.critic_impl.values(state.value_graphdef, params["value"], rollout, lambda: hidden)
@@ -250,11 +259,23 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
   chex.assert_equal_shape([mask, scored.token_rewards, rollout.logprobs])
   advantages, returns = compute_advantages(
       cfg.advantage, AdvantageInputs(token_rewards=scored.token_rewards, values=scored.values,
-                                     mask=mask, group_size=cfg.group_size))
+                                     mask=mask, group_size=cfg.group_size,
+                                     baselines=scored.baselines))
   if cfg.whiten_advantages:
     advantages = masked_whiten(advantages, mask)
+  old_logprobs = rollout.logprobs
+  mm = cfg.mismatch
+  if mm.recompute_logprobs or mm.correction != "none":
+    if scored.trainer_logprobs is None:
+      raise ValueError("mismatch.recompute_logprobs / mismatch.correction need "
+                       "scored.trainer_logprobs (filled by collect)")
+    chex.assert_equal_shape([mask, scored.trainer_logprobs])
+    weights = correction_weights(mm, scored.trainer_logprobs, rollout.logprobs, mask)
+    advantages = advantages * weights
+    if mm.recompute_logprobs:
+      old_logprobs = scored.trainer_logprobs
   batch = Minibatch(
-      rollout=rollout, old_logprobs=rollout.logprobs, ref_logprobs=scored.ref_logprobs,
+      rollout=rollout, old_logprobs=old_logprobs, ref_logprobs=scored.ref_logprobs,
       advantages=advantages, returns=returns,
       old_values=scored.values if scored.values is not None else jnp.zeros_like(mask))
   kl_coef = state.kl.coef
@@ -307,6 +328,8 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
   if scored.values is not None:
     metrics["explained_variance"] = explained_variance(scored.values, returns, mask)
     metrics["value_mean"] = masked_mean(scored.values, mask)
+  if mm.correction != "none":
+    metrics["mismatch/weight_mean"] = masked_mean(weights, mask)
   metrics["advantage_mean"] = masked_mean(advantages, mask)
   metrics["return_mean"] = masked_mean(returns, mask)
   new_state = state.replace(params=params, opt_state=opt_state, kl=new_kl, step=state.step + 1)

@@ -24,9 +24,19 @@ from rlhf_jax.rollout import Rollout, completion_hidden
 if TYPE_CHECKING:   # ppo imports this module
   from rlhf_jax.ppo import PPOConfig
 
-# A reward: fn(reward_params, rollout) -> scores [B]. `reward_params` is any pytree (None for
-# rule-based rewards), passed as a jit argument so weights are never baked into the program.
-RewardFn = Callable[[Any, Rollout], jax.Array]
+# A reward: fn(reward_params, rollout) -> scores [B], or (scores [B], {term name: [B]}) for a
+# weighted sum whose terms are logged (`rlhf_jax.rewards`). `reward_params` is any pytree (None
+# for rule-based rewards), passed as a jit argument so weights are never baked into the program.
+RewardFn = Callable[[Any, Rollout], jax.Array | tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def reward_terms(reward_fn: RewardFn, reward_params: Any,
+                 rollout: Rollout) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(float32 scores [B], {term name: [B]}) of a RewardFn of either form ({} for a plain one)."""
+  out = reward_fn(reward_params, rollout)
+  raw, terms = out if isinstance(out, tuple) else (out, {})
+  chex.assert_shape([raw, *terms.values()], (rollout.completion_mask.shape[0],))
+  return raw.astype(jnp.float32), terms
 
 
 @flax.struct.dataclass
@@ -61,6 +71,10 @@ class Scored:
     token_rewards: [B, N] per-token reward: -coef * kl (KL in reward) plus the score at the last
       valid token.
     values: [B, N] critic values at sampling time, or None without a critic.
+    trainer_logprobs: [B, N] the completion's log-probs under the trainer's forward of the
+      sampling policy (`collect` fills them; `rlhf_jax.mismatch`), or None.
+    baselines: [B] the return sum_t r_t of the greedy completion of each row's prompt, scored
+      the same way (`collect` fills them for the "remax" estimator), or None.
   """
   rollout: Rollout
   ref_logprobs: jax.Array
@@ -69,6 +83,8 @@ class Scored:
   scores: jax.Array
   token_rewards: jax.Array
   values: jax.Array | None = None
+  trainer_logprobs: jax.Array | None = None
+  baselines: jax.Array | None = None
 
 
 def completion_logprobs(model, rollout: Rollout, hidden: jax.Array | None = None,
@@ -125,8 +141,7 @@ def score(cfg: "PPOConfig", rollout: Rollout, *, ref_graphdef: nnx.GraphDef,
   chex.assert_rank([mask, rollout.logprobs], 2)
   ref_logprobs = completion_logprobs(nnx.merge(ref_graphdef, ref_params), rollout)
   kl = jnp.where(mask > 0, kl_lib.kl_penalty(cfg.kl.estimator, rollout.logprobs, ref_logprobs), 0.0)
-  raw = reward_fn(reward_params, rollout).astype(jnp.float32)
-  chex.assert_shape(raw, (mask.shape[0],))
+  raw, terms = reward_terms(reward_fn, reward_params, rollout)
   norm = reward_norm if reward_norm is not None else RewardNorm.identity()
   scores = norm.gain * raw + norm.bias
   eos = rollout.finished
@@ -148,6 +163,7 @@ def score(cfg: "PPOConfig", rollout: Rollout, *, ref_graphdef: nnx.GraphDef,
       "non_score_reward": -(kl_coef * seq_kl).mean(),
       "response_length": lengths.mean(),
       "eos_rate": eos.astype(jnp.float32).mean(),
+      **{f"reward/{name}": r.mean() for name, r in terms.items()},
   }
   return Scored(rollout=rollout, ref_logprobs=ref_logprobs, kl=kl, raw_scores=raw, scores=scores,
                 token_rewards=token_rewards), metrics

@@ -153,6 +153,8 @@ EXPLICIT = {
     "sft.micro_batch_size": 16, "reward.micro_batch_size": 16,
     "method": "dpo", "dpo.loss.name": "cdpo", "dpo.sampling.eos_token_id": 3,
     "dpo.sampling.pad_token_id": 4, "dpo.optim.schedule": "linear", "dpo.micro_batch_size": 16,
+    "ppo.rewards.terms": "reward_model+0.5*format", "ppo.mismatch.correction": "tis",
+    "ppo.kl.loss_average": "sequence",
 }
 
 
@@ -221,5 +223,8 @@ def test_variants_build():
                  for v in ("smoke", "grpo"))
   assert smoke.ppo.max_steps == 3 and smoke.task.num_sft == 256
   assert grpo.ppo.advantage.estimator == "grpo" and grpo.ppo.critic == "none"
+  math = from_config_dict(ExperimentConfig, default_config.get_config("grpo_math"))
+  assert math.task.name == "arithmetic" and math.ppo.rewards.terms == "arithmetic"
+  assert math.ppo.group_size > 1 and not math.ppo.rewards.uses_reward_model
   with pytest.raises(ValueError, match="unknown config variant 'nosuch'"):
     default_config.get_config("nosuch")

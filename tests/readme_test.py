@@ -3,12 +3,12 @@
 import pathlib
 import re
 
-from rlhf_jax import advantages, critics, kl, losses, preference_losses
+from rlhf_jax import advantages, critics, kl, losses, mismatch, preference_losses, rewards
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 REGISTRIES = (losses.POLICY_LOSSES, losses.VALUE_LOSSES, advantages.ADVANTAGE_ESTIMATORS,
-              kl.KL_ESTIMATORS, kl.KL_CONTROLLERS, critics.CRITICS,
-              preference_losses.PREFERENCE_LOSSES)
+              kl.KL_ESTIMATORS, kl.KL_CONTROLLERS, critics.CRITICS, rewards.REWARDS,
+              mismatch.CORRECTIONS, preference_losses.PREFERENCE_LOSSES)
 
 
 def _registered_names_table() -> dict[str, set[str]]:

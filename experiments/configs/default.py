@@ -11,7 +11,8 @@ dataclasses is a flag under the same path (`--config.ppo.kl.init_coef=0.2`,
 docs are in those dataclasses. This file sets the default run's values on that tree.
 
 Variants: "default" (offline, 2 CPU cores, a few minutes), "smoke" (seconds; for tests),
-"grpo" (default with group-relative advantages, no critic), "dpo" (SFT then DPO on the
+"grpo" (default with group-relative advantages, no critic), "grpo_math" (SFT then GRPO on the
+built-in arithmetic task with an exact-match reward, no reward model), "dpo" (SFT then DPO on the
 preference pairs instead of reward model + PPO), "hacking" (default without the KL
 penalty and with a larger learning rate: the policy games the reward model, the gold score falls
 and the reward-hacking monitor fires; the README's lesson).
@@ -87,10 +88,28 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     p.kl.update(in_reward=False, estimator="k3")
   elif variant == "dpo":
     c.method = "dpo"
+  elif variant == "grpo_math":
+    # A verifiable reward: exact match on held-out sums (`data.arithmetic`), no reward model.
+    # The demonstrator slips by one on 30% of the answers; the verifier's reward does not.
+    c.task.update(name="arithmetic", num_sft=6000, num_prompts=4096, max_operand=15,
+                  sft_noise=0.3)
+    c.model.update(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   intermediate_size=192, max_position_embeddings=16)
+    c.sft.update(epochs=2, batch_size=32, max_len=8)
+    p.update(group_size=8, batch_size=16, max_prompt_len=4, critic="none",
+             whiten_advantages=False, normalize_reward=False, missing_eos_penalty=0.0,
+             num_minibatches=2, ppo_epochs=1, max_steps=60, eval_every=10, num_eval_prompts=64)
+    p.sampling.max_new_tokens = 3
+    p.rewards.terms = "arithmetic"
+    p.advantage.estimator = "grpo"
+    p.policy_loss.name = "grpo"
+    p.kl.update(in_reward=False, estimator="k3", init_coef=0.01)
+    p.optim.learning_rate = 3e-4
   elif variant == "hacking":
     p.kl.init_coef = 0.0
     p.optim.learning_rate = 5e-4
     p.eval_every = 5
   else:
-    raise ValueError(f"unknown config variant {variant!r} (default, smoke, grpo, dpo, hacking)")
+    raise ValueError(f"unknown config variant {variant!r} (default, smoke, grpo, grpo_math, "
+                     "dpo, hacking)")
   return c

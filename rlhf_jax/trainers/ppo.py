@@ -29,7 +29,8 @@ from rlhf_jax.data import PromptIterator, encode_prompts
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.rollout import rollout
-from rlhf_jax.score import RewardFn, RewardNorm, score
+from rlhf_jax.rewards import RewardsConfig
+from rlhf_jax.score import RewardFn, RewardNorm, reward_terms, score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,8 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
       None: as loaded. The trained policy and critic keep their master dtype.
     optim: Optimizer of policy and critic; its total_steps counts minibatch steps and defaults
       to the run's (max_steps x ppo_epochs x num_minibatches).
+    rewards: What the policy is rewarded with: the reward model, registered rule / text
+      rewards, or a weighted sum (`rlhf_jax.rewards`; the pipeline builds the reward_fn from it).
   """
   batch_size: int = 64
   max_prompt_len: int = 16
@@ -78,6 +81,7 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
   max_nonfinite_iterations: int = 3
   frozen_param_dtype: str | None = None
   optim: OptimConfig = OptimConfig()
+  rewards: RewardsConfig = RewardsConfig()
 
   def __post_init__(self):
     super().__post_init__()
@@ -246,7 +250,7 @@ class PPOTrainer:
     scored, metrics = score(self.algo, ro, ref_graphdef=self.ref_graphdef,
                             ref_params=ref_params, reward_fn=self.reward_fn,
                             reward_params=reward_params, kl_coef=jnp.zeros(()))
-    ref_raw = self.reward_fn(reward_params, ref_ro)
+    ref_raw, _ = reward_terms(self.reward_fn, reward_params, ref_ro)
     return ro, ref_ro, scored.raw_scores, ref_raw, metrics
 
   # --- host side -------------------------------------------------------------------------------
