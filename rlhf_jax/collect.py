@@ -1,13 +1,15 @@
 """`collect`: the experience half of one RL iteration, as one pure function.
 
-rollout (the policy samples completions) -> the trainer's forward on them (log-probs for the
-rollout/trainer mismatch metrics, `rlhf_jax.mismatch`; the critic's values) -> score
+rollout (the policy samples completions) -> the trainer's forward on them where something reads
+it (log-probs for the rollout/trainer mismatch, `rlhf_jax.mismatch`; the trunk of a shared
+critic) and the critic's values -> score
 (reference log-probs, per-token KL, rewards) -> a `Scored` batch that `ppo_update` consumes. The
 trainer, the tests and the benchmark all call this one function, so what is measured is what
 trains.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -45,16 +47,18 @@ def collect(cfg: PPOConfig, state: TrainState, prompt_ids: jax.Array, prompt_mas
   """
   policy_params = state.params["policy"]
   ro = rollout(state.policy_graphdef, policy_params, prompt_ids, prompt_mask, rng, cfg.sampling)
-  # The trainer's forward on the sampled tokens: the mismatch metrics, pi_old when recomputed,
-  # and the trunk a shared critic reads.
+  # The trainer's forward on the sampled tokens, traced at most once: the mismatch metrics and
+  # corrections, pi_old when recomputed, and the trunk a shared critic reads.
   policy = nnx.merge(state.policy_graphdef, policy_params)
-  hidden = completion_hidden(policy, ro)
-  trainer_logprobs = completion_logprobs(policy, ro, hidden)
-  values = cfg.critic_impl.values(state.value_graphdef, state.params["value"], ro, lambda: hidden)
+  hidden = functools.cache(lambda: completion_hidden(policy, ro))
+  trainer_logprobs = (completion_logprobs(policy, ro, hidden())
+                      if cfg.mismatch.needs_trainer_logprobs else None)
+  values = cfg.critic_impl.values(state.value_graphdef, state.params["value"], ro, hidden)
   scored, metrics = score(cfg, ro, ref_graphdef=ref_graphdef, ref_params=ref_params,
                           reward_fn=reward_fn, reward_params=reward_params,
                           kl_coef=state.kl.coef, reward_norm=reward_norm)
-  metrics.update(mismatch_metrics(trainer_logprobs, ro.logprobs, ro.completion_mask))
+  if trainer_logprobs is not None:
+    metrics.update(mismatch_metrics(trainer_logprobs, ro.logprobs, ro.completion_mask))
   baselines = None
   if cfg.advantage.estimator == "remax":
     # ReMax's baseline (Li et al. 2023): the greedy completion of the same prompt, same reward.

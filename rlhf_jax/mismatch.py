@@ -46,6 +46,9 @@ class MismatchConfig:
     correction: Key of `CORRECTIONS` ("none", "tis", "icepop", "seq_mask").
     recompute_logprobs: Use the trainer's forward (`Scored.trainer_logprobs`) as pi_old in the
       ratio instead of the sampler's log-probs.
+    log_metrics: Log the mismatch metrics even without a correction or recompute. The
+      trainer's forward on the sampled tokens costs one more policy forward per iteration, so
+      `collect` runs it only when something reads it.
     tis_cap: C of "tis": w = min(rho, C).
     icepop_low, icepop_high: The band of "icepop": tokens with rho outside it get w = 0.
     seq_mask_threshold: C of "seq_mask": sequences whose geometric-mean ratio is outside
@@ -57,6 +60,11 @@ class MismatchConfig:
   icepop_low: float = 0.5
   icepop_high: float = 2.0
   seq_mask_threshold: float = 2.0
+  log_metrics: bool = False
+
+  @property
+  def needs_trainer_logprobs(self) -> bool:
+    return self.correction != "none" or self.recompute_logprobs or self.log_metrics
 
   def __post_init__(self):
     CORRECTIONS.get(self.correction)

@@ -113,7 +113,9 @@ def _delta(pcfg, scored):
 
 
 def test_collect_logs_sampler_vs_trainer_mismatch_near_zero_in_float32():
-  _, scored, metrics = _scored(_pcfg())
+  _, plain, plain_metrics = _scored(_pcfg())
+  assert plain.trainer_logprobs is None and "mismatch/abs_logp_diff" not in plain_metrics
+  _, scored, metrics = _scored(_pcfg(log_metrics=True))
   mask = np.asarray(scored.rollout.completion_mask)
   assert mask.sum() > 8
   diff = np.abs(np.asarray(scored.trainer_logprobs) - np.asarray(scored.rollout.logprobs))

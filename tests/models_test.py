@@ -161,7 +161,7 @@ def test_blocks_are_one_scanned_stack():
   assert counts[0] == counts[1] > 0
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots", "offload"])
+@pytest.mark.parametrize("remat", ["save_all_dots", "full", "save_dots", "offload"])
 def test_remat_policies_give_the_gradients_of_no_remat(remat):
   want_fn, params = _grad_fn(_narrow(3))
   got_fn, _ = _grad_fn(_narrow(3, remat=remat))

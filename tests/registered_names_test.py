@@ -17,6 +17,7 @@ from rlhf_jax.advantages import AdvantageConfig
 from rlhf_jax.collect import collect
 from rlhf_jax.kl import KLConfig
 from rlhf_jax.losses import PolicyLossConfig
+from rlhf_jax.mismatch import MismatchConfig
 from rlhf_jax.rollout import SamplingConfig, rollout
 from rlhf_jax.score import score
 
@@ -99,7 +100,8 @@ def test_remax_baselines_are_the_greedy_completions_returns():
 def test_kl_in_the_loss_per_token_or_per_sequence_matches_numpy(average):
   pcfg = dataclasses.replace(_cfg(estimator="dr_grpo", loss="reinforce"),
                              kl=KLConfig(in_reward=False, estimator="k3", init_coef=0.1,
-                                         loss_average=average))
+                                         loss_average=average),
+                             mismatch=MismatchConfig(log_metrics=True))
   _, _, scored, metrics = _step(pcfg, lr=0.0)
   mask = np.asarray(scored.rollout.completion_mask)
   lp = np.asarray(scored.trainer_logprobs, np.float64)

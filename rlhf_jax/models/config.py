@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "qwen3")
-REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+REMAT_POLICIES = ("none", "save_all_dots", "save_dots", "full", "offload")
 
 # The switches each family's Hugging Face config implies (transformers' config defaults): what a
 # `DecoderConfig` field left at None takes from its `model_type`.
@@ -84,8 +84,10 @@ class DecoderConfig:
     dtype: Compute dtype (activations, matmuls); params keep `param_dtype`.
     param_dtype: Storage dtype of parameters.
     remat: What each block keeps for the backward pass (`jax.checkpoint` per scanned block):
-      "none" keeps every activation; "full" keeps only the block's input and recomputes the rest;
-      "save_dots" keeps the outputs of matmuls without batch dimensions (the projections and MLP,
+      "none" keeps every activation; "save_all_dots" keeps every matmul's output (attention
+      scores included, `checkpoint_dots`) and recomputes only the elementwise ops between them,
+      which on every backend costs little and keeps less; "full" keeps only the block's input
+      and recomputes the rest; "save_dots" keeps the outputs of matmuls without batch dimensions (the projections and MLP,
       `dots_with_no_batch_dims_saveable`) and recomputes the rest; "offload" keeps the same
       outputs in pinned host memory instead of device memory. A training setting of this
       library, not of the checkpoint: it is never written to config.json.

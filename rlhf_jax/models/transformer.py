@@ -276,6 +276,7 @@ def _stack(blocks: list[nnx.Module]) -> nnx.Module:
 
 _REMAT_POLICIES = {
     "full": None,
+    "save_all_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
