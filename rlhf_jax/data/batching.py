@@ -11,6 +11,7 @@ of `Step(epoch, rows, width)`, so a resumed run can skip its first k steps.
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
+import chex
 import numpy as np
 
 # Widths are multiples of this (vector-unit friendly on CPU/GPU, sublane-aligned on TPU), or the
@@ -69,6 +70,7 @@ def bucket_widths(lengths: np.ndarray, num_widths: int, max_width: int) -> tuple
   if num_widths < 1:
     raise ValueError(f"num_widths must be >= 1, got {num_widths}")
   lengths = np.asarray(lengths, np.int64)
+  chex.assert_rank(lengths, 1)
   if lengths.size and int(lengths.max()) > max_width:
     raise ValueError(f"a row of {int(lengths.max())} tokens exceeds max_width={max_width}")
   if num_widths == 1 or not lengths.size:
@@ -126,6 +128,7 @@ def epoch_plan(lengths: np.ndarray, batch_size: int, widths: Sequence[int], seed
   most len(widths) - 1 batches (those straddling two widths) hold rows of one width only.
   """
   lengths = np.asarray(lengths)
+  chex.assert_rank(lengths, 1)
   batches = epoch_batches(lengths.shape[0], batch_size, seed, epoch)
   if group_by_length and len(widths) > 1:
     kept = batches.ravel()
