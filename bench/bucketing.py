@@ -17,7 +17,7 @@ its time (real tokens / fit's tokens_per_s: the steps only, compilation excluded
 call's wall time (encoding and compilations included), the widths compiled and the mean loss.
 
   python bench/bucketing.py                              # the figures in bench/README.md
-  python bench/bucketing.py --pairs 256 --modes fixed,bucket --out /tmp/bucketing.json
+  python bench/bucketing.py --pairs 2312 --modes fixed,bucket --out /tmp/b.json   # hh-rlhf size
 """
 
 import argparse
@@ -35,11 +35,13 @@ MODES = ("fixed", "trim", "bucket")
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--pairs", type=int, default=2312, help="preference pairs (one epoch)")
+  ap.add_argument("--pairs", type=int, default=256, help="preference pairs (one epoch)")
   ap.add_argument("--median", type=float, default=160.0, help="median dialogue length (tokens)")
   ap.add_argument("--sigma", type=float, default=0.7, help="log-sd of the dialogue length")
   ap.add_argument("--max-tokens", type=int, default=1300, help="longest dialogue (tokens)")
   ap.add_argument("--batch", type=int, default=32, help="pairs per step")
+  ap.add_argument("--micro-batch", type=int, default=4,
+                  help="pairs per forward/backward (micro_batch_size; bounds the memory)")
   ap.add_argument("--buckets", type=int, default=8, help="length_buckets of trim and bucket")
   ap.add_argument("--layers", type=int, default=2)
   ap.add_argument("--width", type=int, default=64, help="hidden size (head_dim 16)")
@@ -47,13 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None, help="also write the JSON result here")
   args = ap.parse_args(argv)
-  for name in ("pairs", "batch", "buckets", "layers", "max_tokens"):
+  for name in ("pairs", "batch", "micro_batch", "buckets", "layers", "max_tokens"):
     if getattr(args, name) < 1:
       ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if args.width < 16 or args.width % 16:
     ap.error(f"--width must be a positive multiple of 16, got {args.width}")
   if args.max_tokens < 8 or args.median <= 0 or args.sigma < 0:
     ap.error("--max-tokens must be >= 8, --median > 0 and --sigma >= 0")
+  if args.batch % args.micro_batch:
+    ap.error(f"--micro-batch must divide --batch ({args.batch}), got {args.micro_batch}")
   if args.pairs < args.batch:
     ap.error(f"--pairs must be >= --batch ({args.batch}), got {args.pairs}")
   args.modes = tuple(args.modes.split(","))
@@ -94,7 +98,7 @@ def run_mode(mode: str, args: argparse.Namespace, tokenizer, pairs, max_len: int
   from rlhf_jax import models, optim
   from rlhf_jax.trainers import reward
   cfg = reward.RewardConfig(
-      batch_size=args.batch, epochs=1, max_len=max_len, eval_fraction=0.0, seed=args.seed,
+      batch_size=args.batch, micro_batch_size=args.micro_batch, epochs=1, max_len=max_len, eval_fraction=0.0, seed=args.seed,
       log_every=10**9, length_buckets=1 if mode == "fixed" else args.buckets,
       group_by_length=mode == "bucket", optim=optim.OptimConfig(learning_rate=1e-3))
   model_cfg = models.DecoderConfig(

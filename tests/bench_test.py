@@ -91,7 +91,7 @@ def test_bucketing_pairs_have_hh_like_lengths_within_max_tokens(bench):
 def test_bucketing_shrunk_run_prints_one_json_line(tmp_path):
   out = tmp_path / "bucketing.json"
   cmd = [sys.executable, str(BENCH_DIR / "bucketing.py"), "--pairs", "48", "--median", "12",
-         "--max-tokens", "40", "--batch", "8", "--buckets", "3", "--layers", "1", "--width", "16",
+         "--max-tokens", "40", "--batch", "8", "--micro-batch", "4", "--buckets", "3", "--layers", "1", "--width", "16",
          "--modes", "fixed,bucket", "--out", str(out)]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
