@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--median", type=float, default=160.0, help="median dialogue length (tokens)")
   ap.add_argument("--sigma", type=float, default=0.7, help="log-sd of the dialogue length")
   ap.add_argument("--max-tokens", type=int, default=1300, help="longest dialogue (tokens)")
-  ap.add_argument("--batch", type=int, default=32, help="pairs per step")
+  ap.add_argument("--batch", type=int, default=8, help="pairs per step")
   ap.add_argument("--micro-batch", type=int, default=4,
                   help="pairs per forward/backward (micro_batch_size; bounds the memory)")
   ap.add_argument("--buckets", type=int, default=8, help="length_buckets of trim and bucket")
