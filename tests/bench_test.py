@@ -1,4 +1,4 @@
-"""bench/: FLOP counts against TRL's published figures, the CLI's checks, a shrunk end-to-end run."""
+"""bench/: FLOP counts against TRL's published figures, the CLI's checks, shrunk end-to-end runs."""
 
 import importlib
 import json
@@ -7,11 +7,12 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parents[1] / "bench"
 BENCH = BENCH_DIR / "ppo_bench.py"
-MODULES = ("flops", "ppo_bench", "summary", "workload")
+MODULES = ("bucketing", "flops", "ppo_bench", "summary", "workload")
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,33 @@ def test_counts_out_of_range_are_refused(bench, flag, value, capsys):
     bench.ppo_bench.parse_args([flag, value])
   assert exc.value.code == 2
   assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_bucketing_pairs_have_hh_like_lengths_within_max_tokens(bench):
+  lengths = bench.bucketing.pair_lengths(2312, 160.0, 0.7, 1300, seed=0)
+  rows = lengths[:, 0] + lengths[:, 1:].max(axis=1) + 1   # prompt + longer reply + EOS
+  assert lengths.min() >= 1 and rows.max() <= 1300
+  assert 140 <= np.median(rows) <= 180 and 600 <= np.percentile(rows, 99) <= 1000
+
+
+def test_bucketing_shrunk_run_prints_one_json_line(tmp_path):
+  out = tmp_path / "bucketing.json"
+  cmd = [sys.executable, str(BENCH_DIR / "bucketing.py"), "--pairs", "48", "--median", "12",
+         "--max-tokens", "40", "--batch", "8", "--micro-batch", "4", "--buckets", "3", "--layers", "1", "--width", "16",
+         "--modes", "fixed,bucket", "--out", str(out)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert res == json.loads(out.read_text())
+  fixed, bucket = res["modes"]["fixed"], res["modes"]["bucket"]
+  assert fixed["steps"] == bucket["steps"] == 6 and fixed["widths"] == [40]
+  assert len(bucket["widths"]) <= 3 and bucket["padding_fraction"] < fixed["padding_fraction"]
+  assert set(res["speedup_over_fixed"]) == {"bucket"}
+
+
+@pytest.mark.parametrize("flag,value", [("--pairs", "0"), ("--width", "24"), ("--modes", "a,b")])
+def test_bucketing_bad_arguments_are_refused(bench, flag, value, capsys):
+  with pytest.raises(SystemExit) as exc:
+    bench.bucketing.parse_args([flag, value])
+  assert exc.value.code == 2
+  assert flag in capsys.readouterr().err

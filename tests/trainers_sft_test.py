@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax import data, losses, models, optim, sharding
+from rlhf_jax.data import batching
 from rlhf_jax.trainers import supervised as trainers
 from rlhf_jax.trainers import sft
 
@@ -82,10 +83,10 @@ def test_split_and_shuffles_are_deterministic_partitions():
   np.testing.assert_array_equal(trainers.split_indices(100, 0.1, seed=3)[1], held_out)
   assert not np.array_equal(trainers.split_indices(100, 0.1, seed=4)[1], held_out)
   assert len(trainers.split_indices(100, 0.001, seed=0)[1]) == 1
-  epoch0 = trainers.epoch_batches(10, 3, seed=0, epoch=0)
+  epoch0 = batching.epoch_batches(10, 3, seed=0, epoch=0)
   assert epoch0.shape == (3, 3) and len(np.unique(epoch0)) == 9
-  np.testing.assert_array_equal(trainers.epoch_batches(10, 3, seed=0, epoch=0), epoch0)
-  assert not np.array_equal(trainers.epoch_batches(10, 3, seed=0, epoch=1), epoch0)
+  np.testing.assert_array_equal(batching.epoch_batches(10, 3, seed=0, epoch=0), epoch0)
+  assert not np.array_equal(batching.epoch_batches(10, 3, seed=0, epoch=1), epoch0)
 
 
 def test_sft_lowers_held_out_completion_loss(tokenizer):

@@ -362,18 +362,20 @@ class PPOTrainer:
     nonfinite = faults.NonfiniteGuard(cfg.max_nonfinite_iterations,
                                       resumed.get("nonfinite_streak", 0))
     step = int(self.state.step)
-    tokens_per_iter = (cfg.batch_size * cfg.group_size
-                       * (cfg.max_prompt_len + cfg.sampling.max_new_tokens))
+    rows = cfg.batch_size * cfg.group_size
     while step < cfg.max_steps:
       t0 = time.time()
       ids, mask, epoch = self._next_batch()
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
       scored, score_metrics = self._run_collect(ids, mask, key)
       self.state, update_metrics = self._update(self.algo, self.state, scored)
-      metrics = jax.device_get({**score_metrics, **update_metrics})
+      # Real tokens only: the prompts' unmasked ones and the completions' (through their EOS).
+      metrics, prompt_tokens = jax.device_get(({**score_metrics, **update_metrics},
+                                               jnp.sum(mask)))
       step += 1
       dt = time.time() - t0
-      metrics.update(epoch=epoch, iteration_s=dt, tokens_per_s=tokens_per_iter / dt)
+      real_tokens = float(prompt_tokens) + rows * float(metrics["response_length"])
+      metrics.update(epoch=epoch, iteration_s=dt, tokens_per_s=real_tokens / dt)
       if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
         last_eval, eval_step = self.evaluate(step), step
         metrics.update({k: v for k, v in last_eval.items() if k != "samples"})

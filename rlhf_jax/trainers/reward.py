@@ -67,14 +67,15 @@ def reward_batch_loss(model: ScalarModel, batch: Mapping[str, jax.Array],
 
 
 def make_evaluator(graphdef: nnx.GraphDef, arrays: trainers.Batch, batch_size: int,
-                   mesh: Mesh | None) -> trainers.EvalFn:
+                   mesh: Mesh | None, length_buckets: int = 1) -> trainers.EvalFn:
   """`evaluate(params) -> {"loss", "accuracy", "margin_mean", "num_pairs"}`: the Bradley-Terry
-  loss (no centering) and its statistics over all pairs of `arrays` at once."""
+  loss (no centering) and its statistics over all pairs of `arrays` at once; batches trimmed to
+  at most `length_buckets` widths (`trainers.map_batches`)."""
   scores = jax.jit(lambda params, batch: pair_scores(nnx.merge(graphdef, params), batch))
   n = trainers.num_rows(arrays)
 
   def evaluate(params: nnx.State) -> trainers.Metrics:
-    outputs = trainers.map_batches(scores, params, arrays, batch_size, mesh)
+    outputs = trainers.map_batches(scores, params, arrays, batch_size, mesh, length_buckets)
     r_chosen = np.concatenate([c for c, _ in outputs])[:n]   # drop the padding rows
     r_rejected = np.concatenate([r for _, r in outputs])[:n]
     loss, aux = losses.bradley_terry_loss(jnp.asarray(r_chosen), jnp.asarray(r_rejected))
@@ -111,7 +112,7 @@ def train_reward_model(model: ScalarModel, tokenizer: Any, pairs: Sequence[data.
       lambda items: encode_pairs(tokenizer, items, cfg), pairs, eval_pairs, cfg,
       model.cfg.vocab_size)
   graphdef, params = nnx.split(model)
-  evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh)
+  evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh, cfg.length_buckets)
               if trainers.num_rows(held_out) else None)
   loss_fn = functools.partial(reward_batch_loss, center_coef=cfg.center_coef)
   params, history = trainers.fit(cfg, graphdef, params, loss_fn, train, evaluate, mesh, log_fn)

@@ -54,9 +54,10 @@ def sft_batch_targets(batch: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def make_evaluator(graphdef: nnx.GraphDef, arrays: trainers.Batch, batch_size: int,
-                   mesh: Mesh | None) -> trainers.EvalFn:
+                   mesh: Mesh | None, length_buckets: int = 1) -> trainers.EvalFn:
   """`evaluate(params) -> {"loss", "token_accuracy", "num_tokens"}` over all of `arrays`, each
-  a mean over every completion token of the set (not a mean of batch means)."""
+  a mean over every completion token of the set (not a mean of batch means); batches trimmed to
+  at most `length_buckets` widths (`trainers.map_batches`)."""
   @jax.jit
   def sums(params, batch):
     loss, aux = sft_batch_loss(nnx.merge(graphdef, params), batch)
@@ -64,7 +65,8 @@ def make_evaluator(graphdef: nnx.GraphDef, arrays: trainers.Batch, batch_size: i
     return loss * n, aux["token_accuracy"] * n, n
 
   def evaluate(params: nnx.State) -> trainers.Metrics:
-    nll, correct, n = np.sum(trainers.map_batches(sums, params, arrays, batch_size, mesh), axis=0)
+    nll, correct, n = np.sum(trainers.map_batches(sums, params, arrays, batch_size, mesh,
+                                                  length_buckets), axis=0)
     n = max(float(n), 1.0)
     return {"loss": float(nll) / n, "token_accuracy": float(correct) / n, "num_tokens": n}
   return evaluate
@@ -94,7 +96,7 @@ def train_sft(model: CausalLM, tokenizer: Any, examples: Sequence[data.SFTExampl
       lambda items: encode_examples(tokenizer, items, cfg), examples, eval_examples, cfg,
       model.cfg.vocab_size)
   graphdef, params = nnx.split(model)
-  evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh)
+  evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh, cfg.length_buckets)
               if trainers.num_rows(held_out) else None)
   params, history = trainers.fit(cfg, graphdef, params, sft_batch_loss, train, evaluate, mesh,
                                  log_fn, count_fn=sft_batch_targets)

@@ -2,14 +2,16 @@
 
 `rlhf_jax.trainers.sft.train_sft` (supervised fine-tuning) and
 `rlhf_jax.trainers.reward.train_reward_model` (Bradley-Terry reward model) each supply a pure loss
-on a batch of fixed-shape [B, L] arrays; `fit` runs it: one jitted step
+on a batch of right-padded [B, L] arrays; `fit` runs it: one jitted step
 `(params, opt_state, batch) -> (params, opt_state, metrics)` over `nnx.split` params with params and
 optimizer state donated (its gradient optionally accumulated over microbatches), deterministic
-per-epoch shuffles, optional mesh placement (params by their logical axes, batch rows over the
+per-epoch shuffles, each batch trimmed to one of a few widths (`data.batching`: one compilation
+per width), optional mesh placement (params by their logical axes, batch rows over the
 batch axes), held-out evaluation and a `log_fn(step, metrics)` callback. The Python loop only
 feeds batches; metrics are fetched once per logging window.
 """
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +28,7 @@ from jax.sharding import Mesh
 from rlhf_jax import microbatch
 from rlhf_jax import optim as optim_lib
 from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.data import batching
 
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, float]
@@ -34,8 +37,9 @@ LossFn = Callable[[nnx.Module, Mapping[str, jax.Array]], tuple[jax.Array, dict[s
 CountFn = Callable[[Mapping[str, jax.Array]], jax.Array]
 EvalFn = Callable[[nnx.State], Metrics]
 
-# Independent random streams of the config seed.
-_SPLIT_STREAM, _SHUFFLE_STREAM = range(2)
+# The train/eval split's random stream of the config seed (the shuffles draw
+# batching.SHUFFLE_STREAM).
+_SPLIT_STREAM = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +49,10 @@ class TrainerConfig:
   Attributes:
     batch_size: Rows (examples or preference pairs) per optimizer step; a multiple of the mesh's
       batch-axes size. Also the evaluation batch size.
-    epochs: Passes over the training split; each drops its last incomplete batch (fixed shapes,
-      one compilation).
-    max_len: Token width of every row: prompt + completion + EOS, right padded. Prompts are
-      left-truncated to fit; a completion that does not fit raises (see `drop_overlong`).
+    epochs: Passes over the training split; each drops its last incomplete batch (fixed batch
+      shapes).
+    max_len: Token width of every encoded row: prompt + completion + EOS, right padded. Prompts
+      are left-truncated to fit; a completion that does not fit raises (see `drop_overlong`).
     optim: Optimizer. An unset `total_steps` becomes the run's step count, so a decaying
       schedule spans exactly the run.
     seed: Seed of the train/eval split and of the per-epoch shuffles.
@@ -61,6 +65,14 @@ class TrainerConfig:
       batch at once); must divide batch_size. The step's gradient is summed over the
       microbatches, each scaled by its share of the loss's normalizer, so it is the unsplit
       step's (see `make_train_step`).
+    length_buckets: Most widths a batch is trimmed to (`batching.bucket_widths`: the ones that
+      pad the training rows least), so the step compiles at most this many times; each batch,
+      training or evaluation, is cut to the smallest width holding its longest row. 1: every
+      batch is max_len wide.
+    group_by_length: Draw each training batch from rows of one width (then shuffle the batches'
+      order; `batching.epoch_plan`): the least padding on long-tailed lengths, but batches other
+      than the plain shuffle's. False: the plain shuffle's batches, only trimmed (the same
+      updates up to float rounding).
   """
   batch_size: int = 32
   epochs: int = 1
@@ -72,9 +84,11 @@ class TrainerConfig:
   log_every: int = 10
   drop_overlong: bool = False
   micro_batch_size: int | None = None
+  length_buckets: int = 8
+  group_by_length: bool = False
 
   def __post_init__(self):
-    for name in ("batch_size", "epochs", "max_len", "log_every"):
+    for name in ("batch_size", "epochs", "max_len", "log_every", "length_buckets"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     for name in ("eval_every", "seed"):
@@ -98,14 +112,6 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, 
     raise ValueError(f"eval_fraction={eval_fraction} leaves no training rows out of {n}")
   perm = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
   return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
-  """Row indices [n // batch_size, batch_size] of one epoch: a permutation of range(n) drawn from
-  (seed, epoch), the last incomplete batch dropped."""
-  perm = np.random.default_rng([seed, _SHUFFLE_STREAM, epoch]).permutation(n)
-  steps = n // batch_size
-  return perm[:steps * batch_size].reshape(steps, batch_size)
 
 
 def take_rows(arrays: Batch, rows: np.ndarray) -> Batch:
@@ -154,12 +160,18 @@ def put_batch(batch: Batch, mesh: Mesh | None) -> dict[str, jax.Array]:
   return {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
 
 
-def eval_batches(arrays: Batch, batch_size: int) -> Iterator[Batch]:
+def eval_batches(arrays: Batch, batch_size: int,
+                 widths: Sequence[int] | None = None) -> Iterator[Batch]:
   """Consecutive batches of `batch_size` rows in order; the last is padded with all-zero rows
-  (zero masks, so they count nowhere; callers drop their rows by position)."""
+  (zero masks, so they count nowhere; callers drop their rows by position). With `widths`, each
+  batch is trimmed to the smallest of them holding its rows (`batching.width_of`)."""
   n = num_rows(arrays)
+  lengths = None if widths is None else batching.row_lengths(arrays)
   for start in range(0, n, batch_size):
-    batch = take_rows(arrays, np.arange(start, min(start + batch_size, n)))
+    rows = np.arange(start, min(start + batch_size, n))
+    batch = take_rows(arrays, rows)
+    if widths is not None:
+      batch = batching.trim(batch, batching.width_of(lengths[rows], widths))
     pad = batch_size - num_rows(batch)
     if pad:
       batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
@@ -168,9 +180,13 @@ def eval_batches(arrays: Batch, batch_size: int) -> Iterator[Batch]:
 
 
 def map_batches(fn: Callable[[nnx.State, dict[str, jax.Array]], Any], params: nnx.State,
-                arrays: Batch, batch_size: int, mesh: Mesh | None) -> list[Any]:
-  """Host copies of `fn(params, batch)` for the `eval_batches` of `arrays`, in order."""
-  outputs = [fn(params, put_batch(b, mesh)) for b in eval_batches(arrays, batch_size)]
+                arrays: Batch, batch_size: int, mesh: Mesh | None,
+                length_buckets: int = 1) -> list[Any]:
+  """Host copies of `fn(params, batch)` for the `eval_batches` of `arrays`, in order, trimmed to
+  at most `length_buckets` widths (`batching.bucket_widths` of these rows; 1: untrimmed)."""
+  widths = batching.bucket_widths(batching.row_lengths(arrays), length_buckets,
+                                  batching.full_width(arrays))
+  outputs = [fn(params, put_batch(b, mesh)) for b in eval_batches(arrays, batch_size, widths)]
   return jax.device_get(outputs)
 
 
@@ -228,10 +244,6 @@ def _init_state(tx: optax.GradientTransformation, params: nnx.State, mesh: Mesh 
   return params, jax.jit(tx.init, out_shardings=opt_sh)(params), (param_sh, opt_sh, rep)
 
 
-def _tokens(batch: Batch) -> int:
-  return sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
-
-
 def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: LossFn,
         train: Batch, evaluate: EvalFn | None = None, mesh: Mesh | None = None,
         log_fn: LogFn | None = None,
@@ -242,8 +254,9 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
     cfg: Loop settings.
     graphdef, params: `nnx.split` of the model; params are copied, never donated.
     loss_fn: `loss_fn(model, batch) -> (scalar loss, aux metrics)`, pure.
-    train: Host arrays [N, ...] sharing their first axis; every "*attention_mask" array counts
-      towards tokens_per_s.
+    train: Host arrays [N, ...] sharing their first axis, right padded; every "*attention_mask"
+      array counts towards tokens_per_s, and every array as wide as the "*mask" arrays is trimmed
+      with them (`batching.trim`).
     evaluate: `evaluate(params) -> metrics`, run every `cfg.eval_every` steps and after the last;
       its metrics join that step's history entry with an "eval_" prefix.
     mesh: Optional mesh; None runs on the default device.
@@ -253,8 +266,10 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
 
   Returns:
     (final params, history): one entry per step with "step", "epoch", "learning_rate", the step
-    metrics, and "tokens_per_s" (real tokens over wall time of its logging window, compilation
-    and evaluation excluded; async dispatch makes single-step timings meaningless).
+    metrics, "batch_width" (the width its batch was trimmed to), "padding_fraction" (1 - real
+    tokens / slots of its "*attention_mask" arrays) and "tokens_per_s" (real tokens over wall
+    time of its logging window, compilation and evaluation excluded; async dispatch makes
+    single-step timings meaningless).
   """
   n = num_rows(train)
   steps_per_epoch = n // cfg.batch_size
@@ -271,29 +286,36 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
   learning_rates = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
   params, opt_state, shardings = _init_state(tx, params, mesh)
   jit_kw = {} if shardings is None else {"out_shardings": shardings}
-  step_fn = jax.jit(make_train_step(loss_fn, graphdef, tx, cfg.micro_batch_size, count_fn),
-                    donate_argnums=(0, 1), **jit_kw)
+  jitted = jax.jit(make_train_step(loss_fn, graphdef, tx, cfg.micro_batch_size, count_fn),
+                   donate_argnums=(0, 1), **jit_kw)
+  lengths = batching.row_lengths(train)
+  widths = batching.bucket_widths(lengths, cfg.length_buckets, batching.full_width(train))
 
   start = time.perf_counter()
-  first = put_batch(take_rows(train, epoch_batches(n, cfg.batch_size, cfg.seed, 0)[0]), mesh)
-  if mesh is None:
-    step_fn = step_fn.lower(params, opt_state, first).compile()
-  else:   # traced with the mesh set, so the model's activation constraints apply
-    with jax.set_mesh(mesh):
-      step_fn = step_fn.lower(params, opt_state, first).compile()
-  logging.info("fit: compiled the train step in %.1f s (%d steps)", time.perf_counter() - start,
-               total)
+  step_fns = {}   # one compiled step per width the plan uses, each from its first batch
+  for s in batching.plan(lengths, cfg.batch_size, widths, cfg.seed, cfg.epochs,
+                         cfg.group_by_length):
+    if s.width not in step_fns:
+      first = put_batch(batching.trim(take_rows(train, s.rows), s.width), mesh)
+      # Traced with the mesh set, so the model's activation constraints apply.
+      with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        step_fns[s.width] = jitted.lower(params, opt_state, first).compile()
+  logging.info("fit: compiled the train step for widths %s in %.1f s (%d steps)",
+               sorted(step_fns), time.perf_counter() - start, total)
 
   history: list[Metrics] = []
   pending: list[tuple[int, int, dict[str, jax.Array]]] = []
   window_tokens, window_start, step = 0, time.perf_counter(), 0
   for epoch in range(cfg.epochs):
-    for rows in epoch_batches(n, cfg.batch_size, cfg.seed, epoch):
-      batch = take_rows(train, rows)
-      params, opt_state, metrics = step_fn(params, opt_state, put_batch(batch, mesh))
+    for _, rows, width in batching.epoch_plan(lengths, cfg.batch_size, widths, cfg.seed, epoch,
+                                              cfg.group_by_length):
+      batch = batching.trim(take_rows(train, rows), width)
+      params, opt_state, metrics = step_fns[width](params, opt_state, put_batch(batch, mesh))
       step += 1
-      pending.append((step, epoch, metrics))
-      window_tokens += _tokens(batch)
+      real, slots = batching.token_counts(batch)
+      pending.append((step, epoch, dict(metrics, batch_width=width,
+                                        padding_fraction=1.0 - real / max(slots, 1))))
+      window_tokens += real
       eval_now = evaluate is not None and (
           step == total or (cfg.eval_every and step % cfg.eval_every == 0))
       if not (eval_now or step == total or step % cfg.log_every == 0):
