@@ -22,7 +22,6 @@ def main(argv):
   if not (config.policy_path and config.reward_path):
     raise ValueError("set --config.policy_path and --config.reward_path (Hugging Face checkpoints)")
   paths = pipeline.Paths(_WORKDIR.value)
-  config = pipeline.prepare_default_task(config, paths)
   final = pipeline.run_ppo(config, paths, config.policy_path, config.reward_path)
   print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
 

@@ -19,7 +19,6 @@ def main(argv):
   if not config.policy_path:
     raise ValueError("set --config.policy_path to the SFT checkpoint the reward model starts from")
   paths = pipeline.Paths(_WORKDIR.value)
-  config = pipeline.prepare_default_task(config, paths)
   print(pipeline.run_reward(config, paths, config.policy_path))
 
 

@@ -17,7 +17,7 @@ def main(argv):
   common.setup()
   config = from_config_dict(pipeline.ExperimentConfig, _CONFIG.value)
   paths = pipeline.Paths(_WORKDIR.value)
-  print(pipeline.run_sft(pipeline.prepare_default_task(config, paths), paths))
+  print(pipeline.run_sft(config, paths))
 
 
 if __name__ == "__main__":

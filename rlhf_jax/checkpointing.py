@@ -182,14 +182,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def _check(self, step: int, expected: dict[str, Any], meta: dict[str, Any]) -> None:
+  def _check(self, step: int, expected: dict[str, Any], meta: dict[str, Any],
+             saved: dict[str, Any]) -> None:
     where = f"{self.directory}/{step}"
     hint = ("; it belongs to another run: use a fresh workdir, or delete the checkpoints to "
             "start over")
     if meta.get("format") != FORMAT_VERSION:
       raise CheckpointMismatchError(f"checkpoint {where} has format {meta.get('format')!r}, "
                                     f"expected {FORMAT_VERSION}{hint}")
-    saved = _flatten_named(self._manager.item_metadata(step)["state"].tree)
     problems = shape_mismatches(saved, expected)
     problems = problems or fingerprint_mismatches(meta.get("fingerprint", {}), self.fingerprint)
     if problems:
@@ -211,10 +211,11 @@ class Checkpointer:
       try:
         meta = self._manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = _flatten_named(self._manager.item_metadata(step)["state"].tree)
       except Exception as e:   # pylint: disable=broad-except  (Orbax raises many kinds)
         self._set_aside(step, e)
         continue
-      self._check(step, target, meta)
+      self._check(step, target, meta, saved)
       try:
         tree = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_nest(target.items()))))["state"]

@@ -5,10 +5,20 @@ line edits its mirror ConfigDict (`--config.ppo.kl.init_coef=0.2`, see `rlhf_jax
 The `experiments/*.py` mains are thin wrappers around these functions. Each stage reads its inputs
 from paths in the config (or what the previous stage wrote into the workdir) and writes Hugging Face
 checkpoints, so stages can run alone, in order, or on users' own checkpoints and data.
+
+Every stage is resumable and idempotent (`rlhf_jax.stages`): it checkpoints as it trains, records
+a fingerprint of its config and inputs in `<stage>/stage.json`, and a rerun in the same workdir
+skips it when finished with the same fingerprint, resumes it when unfinished, and refuses before
+anything is written when the fingerprint differs (`overwrite=True` starts over).
 """
 
 import dataclasses
+import functools
+import hashlib
 import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,10 +26,12 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import evaluation, models, sharding
+from rlhf_jax import checkpointing, evaluation, fileio, models, sharding
+from rlhf_jax import stages as stages_lib
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
+from rlhf_jax.trainers import resume
 from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
 from rlhf_jax.trainers.sft import SFTConfig, train_sft
 
@@ -73,6 +85,9 @@ class ExperimentConfig:
     model: The from-scratch architecture; vocab_size and the pad / EOS ids come from the
       tokenizer. Its dtype and param_dtype also apply to loaded checkpoints.
     sft, reward, ppo: The stages (`rlhf_jax.trainers`).
+    overwrite: Start every stage of this run over, even where the workdir holds a finished or
+      partly trained one (default: skip a finished stage with the same fingerprint, resume an
+      unfinished one, refuse one trained with other settings or inputs).
   """
   task: TaskConfig = TaskConfig()
   mesh_shape: tuple[int, ...] = (-1, 1, 1)
@@ -89,6 +104,7 @@ class ExperimentConfig:
   sft: SFTConfig = SFTConfig()
   reward: RewardConfig = RewardConfig()
   ppo: PPOTrainerConfig = PPOTrainerConfig()
+  overwrite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,28 +124,47 @@ def make_mesh(config: ExperimentConfig) -> jax.sharding.Mesh:
   return sharding.make_mesh(tuple(config.mesh_shape))
 
 
-def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentConfig:
-  """Writes the built-in task's data files and tokenizer into the workdir; returns the config
-  pointed at them, so the default run reads data through the same loaders as users' files."""
+def _default_task(config: ExperimentConfig, paths: Paths) -> tuple[ExperimentConfig, dict]:
+  """The config pointed at the built-in task's data files in the workdir, and those files'
+  contents {path: bytes}, not yet written: a run refused for a changed setting leaves the workdir
+  as it was. The tokenizer (the same for every task seed) is built when missing."""
   t = config.task
   if t.name != "default":
-    return config
+    return config, {}
   task = data_lib.make_default_task(
       seed=t.seed, n_sft=max(t.num_sft, 1), n_pairs=t.num_pairs, n_prompts=t.num_prompts,
       n_eval_prompts=config.ppo.num_eval_prompts, label_temperature=t.label_temperature)
-  if jax.process_index() == 0:
-    files = data_lib.write_default_task(task, paths.data)
-    if not os.path.isdir(paths.tokenizer):
-      data_lib.build_tokenizer(data_lib.vocabulary(), paths.tokenizer)
-  else:   # every process derives the same file names; process 0 writes them
-    files = data_lib.DefaultTaskFiles(*(os.path.join(paths.data, f) for f in (
-        "sft.jsonl", "preferences.jsonl", "train_prompts.jsonl", "eval_prompts.jsonl")))
+  contents = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for f in data_lib.write_default_task(task, tmp):
+      with open(f, "rb") as fh:
+        contents[os.path.join(paths.data, os.path.basename(f))] = fh.read()
+  files = data_lib.DefaultTaskFiles(*contents)
+  if jax.process_index() == 0 and not os.path.isdir(paths.tokenizer):
+    data_lib.build_tokenizer(data_lib.vocabulary(), paths.tokenizer)
   return dataclasses.replace(
       config, sft_data=config.sft_data or files.sft,
       preferences=config.preferences or files.preferences,
       prompts=config.prompts or files.train_prompts,
       eval_prompts=config.eval_prompts or files.eval_prompts,
-      tokenizer_path=config.tokenizer_path or paths.tokenizer)
+      tokenizer_path=config.tokenizer_path or paths.tokenizer), contents
+
+
+def _write_task(contents: dict[str, bytes]) -> None:
+  """Writes the files whose content differs from what is on disk (a rerun touches none)."""
+  if jax.process_index() != 0:
+    return
+  for path, data in contents.items():
+    if fileio.content_hash(path) != _bytes_hash(data):
+      fileio.write_atomic(path, data)
+
+
+def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentConfig:
+  """Writes the built-in task's data files and tokenizer into the workdir; returns the config
+  pointed at them, so the default run reads data through the same loaders as users' files."""
+  config, contents = _default_task(config, paths)
+  _write_task(contents)
+  return config
 
 
 def load_tokenizer(config: ExperimentConfig):
@@ -159,14 +194,15 @@ def _check_vocab(model_cfg: models.DecoderConfig, tokenizer, what: str) -> None:
 
 
 def _save(model, tokenizer, path: str) -> None:
+  """The model and tokenizer files, each renamed into `path` complete; nothing else there is
+  touched (metrics, TensorBoard logs, checkpoints)."""
   if jax.process_index() == 0:
     models.save_pretrained(model, path)
-    tokenizer.save_pretrained(path)
+    with fileio.staging_dir(path) as tmp:
+      tokenizer.save_pretrained(tmp)
 
 
-def run_sft(config: ExperimentConfig, paths: Paths) -> str:
-  """Stage 1: supervised fine-tuning; writes <workdir>/sft. Returns the checkpoint path.
-  A policy trained from scratch is initialised from `config.sft.seed`."""
+def _train_sft(config: ExperimentConfig, paths: Paths) -> str:
   tokenizer = load_tokenizer(config)
   if config.policy_path:
     policy = _load(config, config.policy_path, "causal_lm")
@@ -178,34 +214,33 @@ def run_sft(config: ExperimentConfig, paths: Paths) -> str:
   examples = data_lib.load_sft(config.sft_data)
   writer = MetricsWriter(paths.sft, "metrics")
   policy, _ = train_sft(policy, tokenizer, examples, config.sft, mesh=make_mesh(config),
-                        log_fn=writer.write)
+                        log_fn=writer.write, checkpoint_dir=_checkpoints(paths.sft),
+                        writer=writer)
   writer.close()
   _save(policy, tokenizer, paths.sft)
   return paths.sft
 
 
-def run_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
-  """Stage 2: Bradley-Terry reward model from the SFT trunk; writes <workdir>/reward."""
+def _train_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
   tokenizer = load_tokenizer(config)
   model = _load(config, policy_path, "scalar")
   _check_vocab(model.cfg, tokenizer, "reward model")
   pairs = data_lib.load_preferences(config.preferences)
   writer = MetricsWriter(paths.reward, "metrics")
-  model, history, eval_metrics = train_reward_model(model, tokenizer, pairs, config.reward,
-                                                    mesh=make_mesh(config), log_fn=writer.write)
+  model, history, eval_metrics = train_reward_model(
+      model, tokenizer, pairs, config.reward, mesh=make_mesh(config), log_fn=writer.write,
+      checkpoint_dir=_checkpoints(paths.reward), writer=writer)
   writer.write(history[-1]["step"] if history else 0,
                {f"final_eval_{k}": v for k, v in eval_metrics.items()})
   writer.close()
-  logging.info("reward model held-out accuracy: %.4f", eval_metrics["accuracy"])
   _save(model, tokenizer, paths.reward)
+  if "accuracy" in eval_metrics:   # none without a held-out set (eval_fraction=0)
+    logging.info("reward model held-out accuracy: %.4f", eval_metrics["accuracy"])
   return paths.reward
 
 
-def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_path: str) -> dict:
-  """Stage 3: PPO from the SFT policy against the reward model; writes <workdir>/ppo.
-
-  Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
-  """
+def _train_ppo(config: ExperimentConfig, paths: Paths, policy_path: str,
+               reward_path: str) -> dict:
   tokenizer = load_tokenizer(config)
   policy = _load(config, policy_path, "causal_lm")
   reward = _load(config, reward_path, "scalar")
@@ -223,7 +258,7 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
       data_lib.load_prompts(config.eval_prompts) if config.eval_prompts else [],
       reward_fn=reward_model_fn(reward_graphdef), reward_params=reward_params,
       value_model=value, gold_fn=gold_fn, mesh=make_mesh(config), writer=writer,
-      checkpoint_dir=os.path.join(os.path.abspath(paths.ppo), "checkpoints"))
+      checkpoint_dir=_checkpoints(paths.ppo))
   final = trainer.train()
   writer.write(int(trainer.state.step), {f"final_{k}": v for k, v in final.items()
                                          if k != "samples"})
@@ -233,21 +268,171 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
     records = read_jsonl(writer.path)
     plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO",
                 flag_key="reward_hacking")
-    with open(os.path.join(paths.ppo, "samples.md"), "w") as f:
-      f.write(evaluation.samples_table(final.get("samples", [])) + "\n")
+    fileio.write_atomic(os.path.join(paths.ppo, "samples.md"),
+                        evaluation.samples_table(final.get("samples", [])) + "\n")
   return final
+
+
+def _final_evaluation(paths: Paths) -> dict:
+  """The last evaluation of a finished PPO stage, as `_train_ppo` logged it."""
+  for record in reversed(read_jsonl(os.path.join(paths.ppo, "metrics.jsonl"))):
+    final = {k[len("final_"):]: v for k, v in record.items() if k.startswith("final_")}
+    if final:
+      return final
+  return {}
+
+
+def _checkpoints(stage_dir: str) -> str:
+  return os.path.join(os.path.abspath(stage_dir), "checkpoints")
+
+
+# --- stage fingerprints (`rlhf_jax.stages`) -----------------------------------------------------
+
+Hasher = Callable[[str], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+  """One stage of a run: where it lives, what its result depends on, how to train it and how to
+  read back the result of a finished one."""
+  name: str
+  directory: str
+  fingerprint: Callable[[], dict[str, Any]]   # lazy: an earlier stage may write its inputs
+  budget: dict[str, Any]
+  train: Callable[[], Any]
+  result: Callable[[], Any]
+
+
+def _bytes_hash(data: bytes) -> str:
+  return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _input_hash(pending: dict[str, bytes], path: str) -> str:
+  """Content hash of an input file or checkpoint directory; files about to be written count
+  with their new content."""
+  return _bytes_hash(pending[path]) if path in pending else fileio.content_hash(path)
+
+
+def _fields(prefix: str, cfg: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+  return {f"{prefix}.{k}": v for k, v in checkpointing.config_fingerprint(cfg, ignore).items()}
+
+
+def _model_fields(config: ExperimentConfig, from_scratch: bool) -> dict[str, Any]:
+  """The `config.model` fields a stage uses: all of them for a model built from scratch, the
+  compute settings `_load` applies to a loaded checkpoint."""
+  if from_scratch:
+    return _fields("model", config.model)
+  return {f"model.{k}": getattr(config.model, k)
+          for k in ("dtype", "param_dtype", "remat", "logits_chunk_size")}
+
+
+def _tokenizer_dir(config: ExperimentConfig) -> str:
+  return config.tokenizer_path or config.policy_path
+
+
+def _sft_stage(config: ExperimentConfig, paths: Paths, h: Hasher) -> _Stage:
+  def fingerprint():
+    return {**_fields("sft", config.sft, resume.RESUMABLE_FIELDS),
+            **_model_fields(config, from_scratch=not config.policy_path),
+            "sft_data": h(config.sft_data), "tokenizer": h(_tokenizer_dir(config)),
+            "policy": h(config.policy_path) if config.policy_path else "from scratch"}
+  return _Stage("sft", paths.sft, fingerprint, {}, lambda: _train_sft(config, paths),
+                lambda: paths.sft)
+
+
+def _reward_stage(config: ExperimentConfig, paths: Paths, h: Hasher, policy_path: str) -> _Stage:
+  def fingerprint():
+    return {**_fields("reward", config.reward, resume.RESUMABLE_FIELDS),
+            **_model_fields(config, from_scratch=False),
+            "preferences": h(config.preferences), "tokenizer": h(_tokenizer_dir(config)),
+            "policy": h(policy_path)}
+  return _Stage("reward", paths.reward, fingerprint, {},
+                lambda: _train_reward(config, paths, policy_path), lambda: paths.reward)
+
+
+def _ppo_stage(config: ExperimentConfig, paths: Paths, h: Hasher, policy_path: str,
+               reward_path: str) -> _Stage:
+  def fingerprint():
+    return {**_fields("ppo", config.ppo, checkpointing.RESUMABLE_FIELDS),
+            **_model_fields(config, from_scratch=False),
+            "prompts": h(config.prompts),
+            "eval_prompts": h(config.eval_prompts) if config.eval_prompts else "none",
+            "tokenizer": h(_tokenizer_dir(config)), "policy": h(policy_path),
+            "reward_model": h(reward_path)}
+  # A finished run given more steps (or another threshold) resumes from its last checkpoint.
+  budget = {"ppo.max_steps": config.ppo.max_steps,
+            "ppo.reward_threshold": config.ppo.reward_threshold}
+  return _Stage("ppo", paths.ppo, fingerprint, budget,
+                lambda: _train_ppo(config, paths, policy_path, reward_path),
+                lambda: _final_evaluation(paths))
+
+
+def _execute(config: ExperimentConfig, paths: Paths,
+             plan: Callable[[ExperimentConfig, Hasher], list[_Stage]]) -> list[Any]:
+  """Runs `plan`'s stages in order and returns their results. Every stage is checked against
+  its directory before anything is written (a mismatch raises StageMismatchError with the
+  workdir untouched); finished ones are skipped, unfinished ones resume."""
+  os.makedirs(paths.workdir, exist_ok=True)
+  config, pending = _default_task(config, paths)
+  stages = plan(config, functools.partial(_input_hash, pending))
+  for stage in stages:
+    if config.overwrite:
+      stages_lib.reset(stage.directory)
+    else:
+      stages_lib.check(stage.name, stage.directory, stage.fingerprint, stage.budget)
+  _write_task(pending)
+  results = []
+  for stage in stages:
+    fingerprint = stage.fingerprint()   # again: the stages before it have now written their outputs
+    status = stages_lib.check(stage.name, stage.directory, lambda: fingerprint, stage.budget)
+    if status == "done":
+      logging.info("%s: finished in %s with the same settings and inputs; skipping it",
+                   stage.name, stage.directory)
+      results.append(stage.result())
+      continue
+    stages_lib.write_record(stage.name, stage.directory, fingerprint, stage.budget, False)
+    results.append(stage.train())
+    stages_lib.write_record(stage.name, stage.directory, fingerprint, stage.budget, True)
+  return results
+
+
+def run_sft(config: ExperimentConfig, paths: Paths) -> str:
+  """Stage 1: supervised fine-tuning; writes <workdir>/sft. Returns the checkpoint path.
+  A policy trained from scratch is initialised from `config.sft.seed`."""
+  return _execute(config, paths, lambda c, h: [_sft_stage(c, paths, h)])[0]
+
+
+def run_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
+  """Stage 2: Bradley-Terry reward model from the SFT trunk; writes <workdir>/reward."""
+  return _execute(config, paths, lambda c, h: [_reward_stage(c, paths, h, policy_path)])[0]
+
+
+def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_path: str) -> dict:
+  """Stage 3: PPO from the SFT policy against the reward model; writes <workdir>/ppo.
+
+  Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
+  """
+  return _execute(config, paths,
+                  lambda c, h: [_ppo_stage(c, paths, h, policy_path, reward_path)])[0]
 
 
 def run_all(config: ExperimentConfig, workdir: str) -> dict:
   """SFT -> reward model -> PPO, skipping stages whose checkpoint the config provides."""
   paths = Paths(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  config = prepare_default_task(config, paths)
-  policy_path = config.policy_path
-  if not policy_path or (config.sft_data and config.task.name != "default"):
-    policy_path = run_sft(config, paths)
-  reward_path = config.reward_path or run_reward(config, paths, policy_path)
-  final = run_ppo(config, paths, policy_path, reward_path)
+
+  def plan(config: ExperimentConfig, h: Hasher) -> list[_Stage]:
+    stages = []
+    policy_path = config.policy_path
+    if not policy_path or (config.sft_data and config.task.name != "default"):
+      stages.append(_sft_stage(config, paths, h))
+      policy_path = paths.sft
+    reward_path = config.reward_path
+    if not reward_path:
+      stages.append(_reward_stage(config, paths, h, policy_path))
+      reward_path = paths.reward
+    return stages + [_ppo_stage(config, paths, h, policy_path, reward_path)]
+
+  final = _execute(config, paths, plan)[-1]
   logging.info("final evaluation: %s", {k: v for k, v in final.items() if k != "samples"})
   return final
 
