@@ -5,8 +5,8 @@ checkpoints of the stage that wrote them). So a file is written beside its desti
 over it (`write_atomic`), and a multi-file output such as a Hugging Face checkpoint is written
 into a temporary sibling directory whose files are then renamed one by one into the destination
 (`staging_dir`): each file a reader sees is complete, and every other entry of the destination is
-left as it was. Everything is created with the process umask (`tempfile.mkdtemp` would leave a
-checkpoint directory at 0700).
+left as it was. Everything gets the permissions of the process umask (`tempfile.mkdtemp` would
+leave a checkpoint directory at 0700, safetensors its file at 0600).
 """
 
 import contextlib
@@ -53,13 +53,23 @@ def staging_dir(path: str) -> Iterator[str]:
   try:
     yield tmp
     os.makedirs(path, exist_ok=True)
+    # Writers that create files privately (safetensors: 0600) get the umask's mode, read off the
+    # staging directory os.makedirs made.
+    file_mode = os.stat(tmp).st_mode & 0o666
     for name in sorted(os.listdir(tmp)):
-      dst = os.path.join(path, name)
+      src, dst = os.path.join(tmp, name), os.path.join(path, name)
+      if os.path.isfile(src) and not os.path.islink(src):
+        os.chmod(src, file_mode)
       if os.path.isdir(dst) and not os.path.islink(dst):   # os.replace cannot replace a directory
         shutil.rmtree(dst)
-      os.replace(os.path.join(tmp, name), dst)
+      os.replace(src, dst)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bytes_hash(data: bytes) -> str:
+  """What `content_hash` gives for a file holding `data`."""
+  return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def content_hash(path: str, skip: frozenset[str] = RUN_OUTPUTS) -> str:

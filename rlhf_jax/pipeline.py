@@ -14,7 +14,6 @@ anything is written when the fingerprint differs (`overwrite=True` starts over).
 
 import dataclasses
 import functools
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -155,7 +154,7 @@ def _write_task(contents: dict[str, bytes]) -> None:
   if jax.process_index() != 0:
     return
   for path, data in contents.items():
-    if fileio.content_hash(path) != _bytes_hash(data):
+    if fileio.content_hash(path) != fileio.bytes_hash(data):
       fileio.write_atomic(path, data)
 
 
@@ -291,26 +290,10 @@ def _checkpoints(stage_dir: str) -> str:
 Hasher = Callable[[str], str]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Stage:
-  """One stage of a run: where it lives, what its result depends on, how to train it and how to
-  read back the result of a finished one."""
-  name: str
-  directory: str
-  fingerprint: Callable[[], dict[str, Any]]   # lazy: an earlier stage may write its inputs
-  budget: dict[str, Any]
-  train: Callable[[], Any]
-  result: Callable[[], Any]
-
-
-def _bytes_hash(data: bytes) -> str:
-  return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def _input_hash(pending: dict[str, bytes], path: str) -> str:
   """Content hash of an input file or checkpoint directory; files about to be written count
   with their new content."""
-  return _bytes_hash(pending[path]) if path in pending else fileio.content_hash(path)
+  return fileio.bytes_hash(pending[path]) if path in pending else fileio.content_hash(path)
 
 
 def _fields(prefix: str, cfg: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -330,28 +313,30 @@ def _tokenizer_dir(config: ExperimentConfig) -> str:
   return config.tokenizer_path or config.policy_path
 
 
-def _sft_stage(config: ExperimentConfig, paths: Paths, h: Hasher) -> _Stage:
+def _sft_stage(config: ExperimentConfig, paths: Paths, h: Hasher) -> stages_lib.Stage:
   def fingerprint():
     return {**_fields("sft", config.sft, resume.RESUMABLE_FIELDS),
             **_model_fields(config, from_scratch=not config.policy_path),
             "sft_data": h(config.sft_data), "tokenizer": h(_tokenizer_dir(config)),
             "policy": h(config.policy_path) if config.policy_path else "from scratch"}
-  return _Stage("sft", paths.sft, fingerprint, {}, lambda: _train_sft(config, paths),
-                lambda: paths.sft)
+  return stages_lib.Stage("sft", paths.sft, fingerprint, {},
+                          lambda: _train_sft(config, paths), lambda: paths.sft)
 
 
-def _reward_stage(config: ExperimentConfig, paths: Paths, h: Hasher, policy_path: str) -> _Stage:
+def _reward_stage(config: ExperimentConfig, paths: Paths, h: Hasher,
+                  policy_path: str) -> stages_lib.Stage:
   def fingerprint():
     return {**_fields("reward", config.reward, resume.RESUMABLE_FIELDS),
             **_model_fields(config, from_scratch=False),
             "preferences": h(config.preferences), "tokenizer": h(_tokenizer_dir(config)),
             "policy": h(policy_path)}
-  return _Stage("reward", paths.reward, fingerprint, {},
-                lambda: _train_reward(config, paths, policy_path), lambda: paths.reward)
+  return stages_lib.Stage("reward", paths.reward, fingerprint, {},
+                          lambda: _train_reward(config, paths, policy_path),
+                          lambda: paths.reward)
 
 
 def _ppo_stage(config: ExperimentConfig, paths: Paths, h: Hasher, policy_path: str,
-               reward_path: str) -> _Stage:
+               reward_path: str) -> stages_lib.Stage:
   def fingerprint():
     return {**_fields("ppo", config.ppo, checkpointing.RESUMABLE_FIELDS),
             **_model_fields(config, from_scratch=False),
@@ -362,38 +347,19 @@ def _ppo_stage(config: ExperimentConfig, paths: Paths, h: Hasher, policy_path: s
   # A finished run given more steps (or another threshold) resumes from its last checkpoint.
   budget = {"ppo.max_steps": config.ppo.max_steps,
             "ppo.reward_threshold": config.ppo.reward_threshold}
-  return _Stage("ppo", paths.ppo, fingerprint, budget,
-                lambda: _train_ppo(config, paths, policy_path, reward_path),
-                lambda: _final_evaluation(paths))
+  return stages_lib.Stage("ppo", paths.ppo, fingerprint, budget,
+                          lambda: _train_ppo(config, paths, policy_path, reward_path),
+                          lambda: _final_evaluation(paths))
 
 
 def _execute(config: ExperimentConfig, paths: Paths,
-             plan: Callable[[ExperimentConfig, Hasher], list[_Stage]]) -> list[Any]:
-  """Runs `plan`'s stages in order and returns their results. Every stage is checked against
-  its directory before anything is written (a mismatch raises StageMismatchError with the
-  workdir untouched); finished ones are skipped, unfinished ones resume."""
+             plan: Callable[[ExperimentConfig, Hasher], list[stages_lib.Stage]]) -> list[Any]:
+  """Runs `plan`'s stages (`stages_lib.run`), the built-in task's files written only once every
+  stage has been checked."""
   os.makedirs(paths.workdir, exist_ok=True)
   config, pending = _default_task(config, paths)
-  stages = plan(config, functools.partial(_input_hash, pending))
-  for stage in stages:
-    if config.overwrite:
-      stages_lib.reset(stage.directory)
-    else:
-      stages_lib.check(stage.name, stage.directory, stage.fingerprint, stage.budget)
-  _write_task(pending)
-  results = []
-  for stage in stages:
-    fingerprint = stage.fingerprint()   # again: the stages before it have now written their outputs
-    status = stages_lib.check(stage.name, stage.directory, lambda: fingerprint, stage.budget)
-    if status == "done":
-      logging.info("%s: finished in %s with the same settings and inputs; skipping it",
-                   stage.name, stage.directory)
-      results.append(stage.result())
-      continue
-    stages_lib.write_record(stage.name, stage.directory, fingerprint, stage.budget, False)
-    results.append(stage.train())
-    stages_lib.write_record(stage.name, stage.directory, fingerprint, stage.budget, True)
-  return results
+  return stages_lib.run(plan(config, functools.partial(_input_hash, pending)), config.overwrite,
+                        before=lambda: _write_task(pending))
 
 
 def run_sft(config: ExperimentConfig, paths: Paths) -> str:
@@ -420,7 +386,7 @@ def run_all(config: ExperimentConfig, workdir: str) -> dict:
   """SFT -> reward model -> PPO, skipping stages whose checkpoint the config provides."""
   paths = Paths(workdir)
 
-  def plan(config: ExperimentConfig, h: Hasher) -> list[_Stage]:
+  def plan(config: ExperimentConfig, h: Hasher) -> list[stages_lib.Stage]:
     stages = []
     policy_path = config.policy_path
     if not policy_path or (config.sft_data and config.task.name != "default"):

@@ -16,6 +16,7 @@ between runs (PPO's `max_steps`): a complete stage with another budget resumes.
 saved no work yet); a different fingerprint where work would be lost raises StageMismatchError.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from absl import logging
 
 from rlhf_jax import fileio
 
@@ -97,6 +99,13 @@ def write_record(name: str, directory: str, fingerprint: dict[str, Any], budget:
          "budget": _normalized(budget)}, indent=1, sort_keys=True) + "\n")
 
 
+def _discard_record(directory: str) -> None:
+  if jax.process_index() == 0:
+    os.remove(os.path.join(directory, RECORD))
+    if not os.listdir(directory):
+      os.rmdir(directory)
+
+
 def reset(directory: str) -> None:
   """Removes what a stage keeps between runs (record, checkpoints, metrics, TensorBoard logs) so
   it starts over; its exports are replaced when it finishes, anything else stays."""
@@ -108,3 +117,52 @@ def reset(directory: str) -> None:
       shutil.rmtree(path)
     elif os.path.exists(path):
       os.remove(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of a run: where it lives, what its result depends on, how to train it (and
+  export its result), and how to read back the result of a finished one."""
+  name: str
+  directory: str
+  fingerprint: Callable[[], dict[str, Any]]   # lazy: an earlier stage may write its inputs
+  budget: dict[str, Any]
+  train: Callable[[], Any]
+  result: Callable[[], Any]
+
+
+def run(stages: list[Stage], overwrite: bool, before: Callable[[], None] = lambda: None
+        ) -> list[Any]:
+  """Runs `stages` in order and returns their results.
+
+  Every stage is checked against its directory first, so a mismatch raises StageMismatchError
+  with nothing written (`before()`, which writes the run's inputs, has not run yet); with
+  `overwrite` each is reset instead. Then finished stages are skipped and the others trained,
+  each re-checked first (the stages before it have now written its inputs) and recorded as
+  started, then as complete once its exports are on disk.
+  """
+  for stage in stages:
+    if overwrite:
+      reset(stage.directory)
+    else:
+      check(stage.name, stage.directory, stage.fingerprint, stage.budget)
+  before()
+  results = []
+  for stage in stages:
+    fingerprint = stage.fingerprint()
+    status = "new" if overwrite else check(stage.name, stage.directory, lambda: fingerprint,
+                                           stage.budget)
+    if status == "done":
+      logging.info("%s: finished in %s with the same settings and inputs; skipping it",
+                   stage.name, stage.directory)
+      results.append(stage.result())
+      continue
+    write_record(stage.name, stage.directory, fingerprint, stage.budget, complete=False)
+    try:
+      results.append(stage.train())
+    except Exception:
+      if not _has_work(stage.directory):   # a start that failed leaves no record behind
+        _discard_record(stage.directory)
+      raise
+    write_record(stage.name, stage.directory, fingerprint, stage.budget, complete=True)
+  return results

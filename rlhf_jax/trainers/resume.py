@@ -1,5 +1,5 @@
-"""Checkpoints of the supervised loop (`supervised.fit`): what a killed or preempted SFT, reward-model
-or DPO run needs to continue bitwise.
+"""Checkpoints of the supervised loop (`supervised.fit`): what a killed or preempted SFT,
+reward-model or DPO run needs to continue bitwise.
 
 A checkpoint at step k holds params and optimizer state (`checkpointing.Checkpointer`: Orbax,
 asynchronous, the newest `keep_checkpoints` kept, another run's refused by config fingerprint)

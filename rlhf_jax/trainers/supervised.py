@@ -43,7 +43,8 @@ EvalFn = Callable[[nnx.State], Metrics]
 
 # Independent random streams of the config seed.
 _SPLIT_STREAM, _SHUFFLE_STREAM = range(2)
-_NONFINITE_ADVICE = "Lower the learning rate, check the data for empty or broken rows, or use float32"
+_NONFINITE_ADVICE = ("Lower the learning rate, check the data for empty or broken rows, or use "
+                     "float32")
 
 
 @dataclasses.dataclass(frozen=True)
