@@ -74,9 +74,9 @@ def check(name: str, directory: str, fingerprint: Callable[[], dict[str, Any]],
   record = read_record(directory)
   if record is None:
     if _has_work(directory):
-      raise StageMismatchError(f"{directory} holds trained weights but no {RECORD}, so this run "
-                               f"cannot tell whether they are its {name} stage's; "
-                               f"{OVERWRITE_HINT}")
+      raise StageMismatchError(f"{directory} holds trained weights but no {RECORD} (another "
+                               f"run's or an older version's): its {name} stage does not match "
+                               f"this run; {OVERWRITE_HINT}")
     return "new"
   problems = differences(record.get("fingerprint", {}), _normalized(fingerprint()))
   if problems:
