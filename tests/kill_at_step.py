@@ -1,6 +1,7 @@
-"""`python -m experiments.rlhf` that kills itself with SIGKILL (no cleanup, no final checkpoint)
-right after stage $KILL_STAGE (sft, reward, ppo) writes its metrics record of step $KILL_STEP; a
-plain run without those variables. For the kill -9 tests (tests/stage_kill_test.py)."""
+"""`python tests/kill_at_step.py experiments.MAIN FLAGS...` runs that experiment main, killing
+itself with SIGKILL (no cleanup, no final checkpoint) right after stage $KILL_STAGE (sft, reward,
+ppo) writes its metrics record of step $KILL_STEP; a plain run without those variables. For the
+kill -9 tests (tests/stage_kill_test.py)."""
 
 import os
 import signal
@@ -21,5 +22,8 @@ def _write_then_die(self, step, record):
 metrics.MetricsWriter.write = _write_then_die
 
 if __name__ == "__main__":
-  from experiments import common, rlhf
-  common.run(rlhf.main)
+  import importlib
+  import sys
+  from experiments import common
+  main = importlib.import_module(sys.argv.pop(1)).main
+  common.run(main)

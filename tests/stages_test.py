@@ -19,9 +19,9 @@ from tiny_ppo import persistent_compilation_cache  # noqa: F401  (fixture)
 
 
 def tiny_config(**overrides) -> pipeline.ExperimentConfig:
-  """The smoke variant, with two PPO steps; `overrides` maps "stage.field" to a value."""
+  """The smoke variant, with one PPO step; `overrides` maps "stage.field" to a value."""
   c = default_config.get_config("smoke")
-  c.ppo.update(max_steps=2, eval_every=0)
+  c.ppo.update(max_steps=1, eval_every=0)
   c.sft.checkpoint_every = 2
   for path, value in overrides.items():
     *parents, leaf = path.split(".")
