@@ -121,3 +121,14 @@ def test_reward_model_without_a_held_out_set_is_saved(finished, tmp_path):
   out = pipeline.run_reward(config, paths, os.path.join(finished[0], "sft"))
   assert os.path.exists(os.path.join(out, "model.safetensors"))
   assert stages.read_record(out)["complete"]
+
+
+def test_a_finished_ppo_stage_given_more_steps_resumes(finished, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(finished[0], workdir)
+  for name in ("_train_sft", "_train_reward"):
+    monkeypatch.setattr(pipeline, name, lambda *a, name=name: pytest.fail(f"{name} ran"))
+  pipeline.run_all(tiny_config(**{"ppo.max_steps": 2}), workdir)
+  records = read_jsonl(os.path.join(workdir, "ppo", "metrics.jsonl"))
+  assert [r["step"] for r in records if "reward_mean" in r] == [1, 2]
+  assert stages.read_record(os.path.join(workdir, "ppo"))["budget"]["ppo.max_steps"] == 2
