@@ -24,7 +24,6 @@ def main(argv):
                      "takes as its reference)")
   preflight.check_run(config, _WORKDIR.value, ("dpo",))
   paths = pipeline.Paths(_WORKDIR.value)
-  config = pipeline.prepare_default_task(config, paths)
   final = pipeline.run_dpo(config, paths, config.policy_path)
   print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
 

@@ -23,7 +23,6 @@ def main(argv):
                      "reward_path when the rewards or the critic need a reward model)")
   preflight.check_run(config, _WORKDIR.value, ("ppo",))
   paths = pipeline.Paths(_WORKDIR.value)
-  config = pipeline.prepare_default_task(config, paths)
   final = pipeline.run_ppo(config, paths, config.policy_path, config.reward_path)
   print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
 

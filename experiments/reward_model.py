@@ -19,7 +19,6 @@ def main(argv):
     raise ValueError("set --config.policy_path to the SFT checkpoint the reward model starts from")
   preflight.check_run(config, _WORKDIR.value, ("reward",))
   paths = pipeline.Paths(_WORKDIR.value)
-  config = pipeline.prepare_default_task(config, paths)
   print(pipeline.run_reward(config, paths, config.policy_path))
 
 

@@ -17,7 +17,7 @@ def main(argv):
   config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
   preflight.check_run(config, _WORKDIR.value, ("sft",))
   paths = pipeline.Paths(_WORKDIR.value)
-  print(pipeline.run_sft(pipeline.prepare_default_task(config, paths), paths))
+  print(pipeline.run_sft(config, paths))
 
 
 if __name__ == "__main__":

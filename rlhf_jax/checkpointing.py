@@ -1,4 +1,5 @@
-"""Resumable PPO runs: Orbax checkpoints of the train state plus the host state around it.
+"""Resumable runs: Orbax checkpoints of a train state plus the host state around it (PPO and the
+supervised loop).
 
 A checkpoint at step s holds two items (Orbax `CheckpointManager` layout `<dir>/<s>/{state,meta}`):
 
@@ -11,7 +12,9 @@ A checkpoint at step s holds two items (Orbax `CheckpointManager` layout `<dir>/
 
 Saves are asynchronous (the device-to-host copy blocks, the file writes run in the background),
 every `every` steps, keeping the newest `keep`. Orbax writes into a temporary directory and renames
-it when complete, so a run killed mid-save leaves the previous checkpoint as the newest one.
+it when complete, so a run killed mid-save leaves the previous checkpoint as the newest one; a
+numbered step that still cannot be read (files lost after the rename) is set aside on restore
+and the previous one used.
 """
 
 import dataclasses
@@ -24,6 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 FORMAT_VERSION = 1
 
@@ -178,14 +182,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def _check(self, step: int, expected: dict[str, Any], meta: dict[str, Any]) -> None:
+  def _check(self, step: int, expected: dict[str, Any], meta: dict[str, Any],
+             saved: dict[str, Any]) -> None:
     where = f"{self.directory}/{step}"
     hint = ("; it belongs to another run: use a fresh workdir, or delete the checkpoints to "
             "start over")
     if meta.get("format") != FORMAT_VERSION:
       raise CheckpointMismatchError(f"checkpoint {where} has format {meta.get('format')!r}, "
                                     f"expected {FORMAT_VERSION}{hint}")
-    saved = _flatten_named(self._manager.item_metadata(step)["state"].tree)
     problems = shape_mismatches(saved, expected)
     problems = problems or fingerprint_mismatches(meta.get("fingerprint", {}), self.fingerprint)
     if problems:
@@ -194,22 +198,50 @@ class Checkpointer:
           f"checkpoint {where} does not match this run: {'; '.join(problems[:3])}{more}{hint}")
 
   def restore(self, state: Any) -> tuple[Any, dict[str, Any]] | None:
-    """(state, metadata) of the newest checkpoint, or None when there is none.
+    """(state, metadata) of the newest readable checkpoint, or None when there is none.
 
     `state` gives the structure, static fields, shapes and shardings; its arrays are not read.
-    Raises CheckpointMismatchError (nothing read, nothing written) when the newest checkpoint was
-    saved by a run with other shapes, dtypes or config.
+    A newest step that cannot be read (files missing or cut short: a copy or disk that failed
+    mid-write) is renamed `<step>.incomplete` and the previous step is tried. Raises
+    CheckpointMismatchError (nothing read, nothing written) when the newest checkpoint was saved
+    by a run with other shapes, dtypes or config.
     """
-    step = self.latest_step()
-    if step is None:
-      return None
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     target = abstract_leaves(state)
-    self._check(step, target, meta)
-    tree = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_nest(target.items()))))["state"]
-    logging.info("restored checkpoint %s/%d", self.directory, step)
-    return tree_to_state(tree, state), meta
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved = _flatten_named(self._manager.item_metadata(step)["state"].tree)
+      except Exception as e:   # pylint: disable=broad-except  (Orbax raises many kinds)
+        self._set_aside(step, e)
+        continue
+      self._check(step, target, meta, saved)
+      try:
+        tree = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_nest(target.items()))))["state"]
+      except Exception as e:   # pylint: disable=broad-except
+        self._set_aside(step, e)
+        continue
+      logging.info("restored checkpoint %s/%d", self.directory, step)
+      return tree_to_state(tree, state), meta
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    """Renames an unreadable step out of the numbered ones (kept for inspection, never deleted)
+    so the previous step becomes the newest."""
+    src = os.path.join(self.directory, str(step))
+    dst = src + ".incomplete"
+    n = 1
+    while os.path.exists(dst):
+      dst, n = f"{src}.incomplete{n}", n + 1
+    logging.warning("checkpoint %s cannot be read (%s: %s); moved to %s, falling back to the "
+                    "previous one", src, type(error).__name__, str(error).splitlines()[0][:200],
+                    dst)
+    if jax.process_index() == 0:
+      os.replace(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint set aside {src}")
+    self._manager.reload()
 
   def should_save(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0

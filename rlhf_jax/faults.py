@@ -80,7 +80,8 @@ class PreemptionHandler:
 
 
 class NonfiniteGuard:
-  """Stops a run after `max_iterations` consecutive iterations with numerical faults.
+  """Stops a run after `max_iterations` consecutive iterations (PPO) or steps (the supervised
+  loop: `unit`) with numerical faults; the error ends with `advice`.
 
   An iteration is faulty when its reward mean is not finite or `ppo_update` skipped minibatch
   steps whose loss or gradient was not finite (`nonfinite_steps` > 0). Skipped steps leave the
@@ -88,11 +89,14 @@ class NonfiniteGuard:
   model or reward is broken and continuing only burns compute.
   """
 
-  def __init__(self, max_iterations: int, streak: int = 0):
+  def __init__(self, max_iterations: int, streak: int = 0, unit: str = "iterations",
+               advice: str = "Lower the learning rate, check the reward model's outputs, or use "
+                             "float32"):
     if max_iterations < 1:
-      raise ValueError(f"max_nonfinite_iterations must be >= 1, got {max_iterations}")
+      raise ValueError(f"max_nonfinite_{unit} must be >= 1, got {max_iterations}")
     self.max_iterations = max_iterations
     self.streak = streak
+    self.unit, self.advice = unit, advice
 
   def update(self, step: int, record: dict[str, Any]) -> None:
     """Counts `record` (the metrics of iteration `step`); raises FloatingPointError at the limit."""
@@ -107,10 +111,9 @@ class NonfiniteGuard:
       self.streak = 0
       return
     self.streak += 1
-    logging.warning("step %d: %s (%d consecutive faulty iterations of %d allowed)", step,
-                    ", ".join(faults), self.streak, self.max_iterations)
+    logging.warning("step %d: %s (%d consecutive faulty %s of %d allowed)", step,
+                    ", ".join(faults), self.streak, self.unit, self.max_iterations)
     if self.streak >= self.max_iterations:
       raise FloatingPointError(
-          f"non-finite values in {self.streak} consecutive iterations (steps "
-          f"{step - self.streak + 1}-{step}); at step {step}: {', '.join(faults)}. "
-          "Lower the learning rate, check the reward model's outputs, or use float32")
+          f"non-finite values in {self.streak} consecutive {self.unit} (steps "
+          f"{step - self.streak + 1}-{step}); at step {step}: {', '.join(faults)}. {self.advice}")

@@ -4,6 +4,7 @@ Only process 0 writes (multi-host runs share one workdir). Every record is one J
 line with at least a `step` key, flushed as written so a killed run keeps what it logged.
 """
 
+import io
 import json
 import math
 import os
@@ -13,6 +14,8 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 from absl import logging
+
+from rlhf_jax import fileio
 
 
 def _to_python(v: Any):
@@ -128,9 +131,9 @@ def _save(fig, out_png: str, title: str) -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  fig.savefig(out_png, dpi=90)
-  return out_png
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=90, format="png")
+  return fileio.write_atomic(out_png, buf.getvalue())   # a reader never sees half an image
 
 
 def plot_curves(records: Iterable[dict[str, Any]], panels: list[Panel], out_png: str,

@@ -9,7 +9,11 @@ checkpoints, so stages can run alone, in order, or on users' own checkpoints and
 """
 
 import dataclasses
+import functools
 import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,12 +21,14 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import evaluation, models, preflight, sharding
+from rlhf_jax import checkpointing, evaluation, fileio, models, preflight, sharding
 from rlhf_jax import rewards as rewards_lib
+from rlhf_jax import stages as stages_lib
 from rlhf_jax.data import arithmetic
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from rlhf_jax.trainers.dpo import DPOConfig, train_dpo
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
+from rlhf_jax.trainers import resume
 from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
 from rlhf_jax.trainers.sft import SFTConfig, train_sft
 
@@ -94,6 +100,9 @@ class ExperimentConfig:
     sft, reward, ppo, dpo: The stages (`rlhf_jax.trainers`).
     plugins: Comma-separated modules imported before the config is built, so the losses,
       estimators, critics and rewards they register can be named in it (`rlhf_jax.plugins`).
+    overwrite: Start every stage of this run over, even where the workdir holds a finished or
+      partly trained one (default: skip a finished stage with the same fingerprint, resume an
+      unfinished one, refuse one trained with other settings or inputs).
   """
   task: TaskConfig = TaskConfig()
   mesh_shape: tuple[int, ...] = (-1, 1, 1)
@@ -113,6 +122,7 @@ class ExperimentConfig:
   method: str = "ppo"
   dpo: DPOConfig = DPOConfig()
   plugins: str = ""
+  overwrite: bool = False
 
   def __post_init__(self):
     if self.method not in ("ppo", "dpo"):
@@ -136,9 +146,10 @@ def make_mesh(config: ExperimentConfig) -> jax.sharding.Mesh:
   return sharding.make_mesh(tuple(config.mesh_shape))
 
 
-def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentConfig:
-  """Writes the built-in task's data files and tokenizer into the workdir; returns the config
-  pointed at them, so the default run reads data through the same loaders as users' files."""
+def _default_task(config: ExperimentConfig, paths: Paths) -> tuple[ExperimentConfig, dict]:
+  """The config pointed at the built-in task's data files in the workdir, and those files'
+  contents {path: bytes}, not yet written: a run refused for a changed setting leaves the workdir
+  as it was. The tokenizer (the same for every task seed) is built when missing."""
   t = config.task
   if t.name == "default":
     task = data_lib.make_default_task(
@@ -152,20 +163,38 @@ def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentCo
         sft_noise=t.sft_noise)
     words = arithmetic.vocabulary(t.max_operand)
   else:
-    return config
-  if jax.process_index() == 0:
-    files = data_lib.write_default_task(task, paths.data)
-    if not os.path.isdir(paths.tokenizer):
-      data_lib.build_tokenizer(words, paths.tokenizer)
-  else:   # every process derives the same file names; process 0 writes them
-    files = data_lib.DefaultTaskFiles(*(os.path.join(paths.data, f) for f in (
-        "sft.jsonl", "preferences.jsonl", "train_prompts.jsonl", "eval_prompts.jsonl")))
+    return config, {}
+  contents = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for f in data_lib.write_default_task(task, tmp):
+      with open(f, "rb") as fh:
+        contents[os.path.join(paths.data, os.path.basename(f))] = fh.read()
+  files = data_lib.DefaultTaskFiles(*contents)
+  if jax.process_index() == 0 and not os.path.isdir(paths.tokenizer):
+    data_lib.build_tokenizer(words, paths.tokenizer)
   return dataclasses.replace(
       config, sft_data=config.sft_data or files.sft,
       preferences=config.preferences or files.preferences,
       prompts=config.prompts or files.train_prompts,
       eval_prompts=config.eval_prompts or files.eval_prompts,
-      tokenizer_path=config.tokenizer_path or paths.tokenizer)
+      tokenizer_path=config.tokenizer_path or paths.tokenizer), contents
+
+
+def _write_task(contents: dict[str, bytes]) -> None:
+  """Writes the files whose content differs from what is on disk (a rerun touches none)."""
+  if jax.process_index() != 0:
+    return
+  for path, data in contents.items():
+    if fileio.content_hash(path) != fileio.bytes_hash(data):
+      fileio.write_atomic(path, data)
+
+
+def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentConfig:
+  """Writes the built-in task's data files and tokenizer into the workdir; returns the config
+  pointed at them, so the default run reads data through the same loaders as users' files."""
+  config, contents = _default_task(config, paths)
+  _write_task(contents)
+  return config
 
 
 def load_tokenizer(config: ExperimentConfig):
@@ -189,14 +218,15 @@ _check_vocab = preflight.check_vocab
 
 
 def _save(model, tokenizer, path: str) -> None:
+  """The model and tokenizer files, each renamed into `path` complete; nothing else there is
+  touched (metrics, TensorBoard logs, checkpoints)."""
   if jax.process_index() == 0:
     models.save_pretrained(model, path)
-    tokenizer.save_pretrained(path)
+    with fileio.staging_dir(path) as tmp:
+      tokenizer.save_pretrained(tmp)
 
 
-def run_sft(config: ExperimentConfig, paths: Paths) -> str:
-  """Stage 1: supervised fine-tuning; writes <workdir>/sft. Returns the checkpoint path.
-  A policy trained from scratch is initialised from `config.sft.seed`."""
+def _train_sft(config: ExperimentConfig, paths: Paths) -> str:
   tokenizer = load_tokenizer(config)
   if config.policy_path:
     policy = _load(config, config.policy_path, "causal_lm")
@@ -208,27 +238,28 @@ def run_sft(config: ExperimentConfig, paths: Paths) -> str:
   examples = data_lib.load_sft(config.sft_data)
   writer = MetricsWriter(paths.sft, "metrics")
   policy, _ = train_sft(policy, tokenizer, examples, config.sft, mesh=make_mesh(config),
-                        log_fn=writer.write)
+                        log_fn=writer.write, checkpoint_dir=_checkpoints(paths.sft),
+                        writer=writer)
   writer.close()
   _save(policy, tokenizer, paths.sft)
   return paths.sft
 
 
-def run_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
-  """Stage 2: Bradley-Terry reward model from the SFT trunk; writes <workdir>/reward."""
+def _train_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
   tokenizer = load_tokenizer(config)
   model = _load(config, policy_path, "scalar")
   _check_vocab(model.cfg, tokenizer, "reward model")
   pairs = data_lib.load_preferences(config.preferences)
   writer = MetricsWriter(paths.reward, "metrics")
-  model, history, eval_metrics = train_reward_model(model, tokenizer, pairs, config.reward,
-                                                    mesh=make_mesh(config), log_fn=writer.write)
+  model, history, eval_metrics = train_reward_model(
+      model, tokenizer, pairs, config.reward, mesh=make_mesh(config), log_fn=writer.write,
+      checkpoint_dir=_checkpoints(paths.reward), writer=writer)
   writer.write(history[-1]["step"] if history else 0,
                {f"final_eval_{k}": v for k, v in eval_metrics.items()})
   writer.close()
-  if eval_metrics:   # none with reward.eval_fraction=0
-    logging.info("reward model held-out accuracy: %.4f", eval_metrics["accuracy"])
   _save(model, tokenizer, paths.reward)
+  if "accuracy" in eval_metrics:   # none without a held-out set (eval_fraction=0)
+    logging.info("reward model held-out accuracy: %.4f", eval_metrics["accuracy"])
   return paths.reward
 
 
@@ -237,16 +268,8 @@ def needs_reward_model(config: ExperimentConfig) -> bool:
   return config.ppo.rewards.uses_reward_model or config.ppo.critic_impl.needs_value_model
 
 
-def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_path: str) -> dict:
-  """Stage 3: PPO from the SFT policy against `config.ppo.rewards` (the reward model by
-  default); writes <workdir>/ppo. `reward_path` may be "" when no reward model is needed.
-
-  Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
-  """
-  if needs_reward_model(config) and not reward_path:
-    raise ValueError(f"ppo.rewards.terms={config.ppo.rewards.terms!r} with "
-                     f"ppo.critic={config.ppo.critic!r} needs a reward model: set "
-                     "--config.reward_path")
+def _train_ppo(config: ExperimentConfig, paths: Paths, policy_path: str,
+               reward_path: str) -> dict:
   tokenizer = load_tokenizer(config)
   policy = _load(config, policy_path, "causal_lm")
   _check_vocab(policy.cfg, tokenizer, "policy")
@@ -267,7 +290,7 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
       data_lib.load_prompts(config.eval_prompts) if config.eval_prompts else [],
       reward_fn=reward_fn, reward_params=reward_params,
       value_model=value, gold_fn=gold_fn, mesh=make_mesh(config), writer=writer,
-      checkpoint_dir=os.path.join(os.path.abspath(paths.ppo), "checkpoints"))
+      checkpoint_dir=_checkpoints(paths.ppo))
   final = trainer.train()
   writer.write(int(trainer.state.step), {f"final_{k}": v for k, v in final.items()
                                          if k != "samples"})
@@ -277,8 +300,8 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
     records = read_jsonl(writer.path)
     plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO",
                 flag_key="reward_hacking")
-    with open(os.path.join(paths.ppo, "samples.md"), "w") as f:
-      f.write(evaluation.samples_table(final.get("samples", [])) + "\n")
+    fileio.write_atomic(os.path.join(paths.ppo, "samples.md"),
+                        evaluation.samples_table(final.get("samples", [])) + "\n")
   return final
 
 
@@ -288,7 +311,7 @@ def _gold_fn(config: ExperimentConfig):
           else data_lib.gold_score if config.task.name == "default" else None)
 
 
-def run_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict:
+def _train_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict:
   """Stage 2 of the "dpo" method: preference optimisation (`config.dpo`) of the SFT policy on
   the preference pairs, its reference the SFT policy; writes <workdir>/dpo (the policy's Hugging
   Face checkpoint, metrics.jsonl, curves.png, samples.md). Returns the final evaluation."""
@@ -300,21 +323,158 @@ def run_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict:
   writer = MetricsWriter(paths.dpo, "metrics")
   policy, history, final = train_dpo(policy, tokenizer, pairs, config.dpo, mesh=make_mesh(config),
                                      log_fn=writer.write, eval_prompts=prompts,
-                                     gold_fn=_gold_fn(config))
+                                     gold_fn=_gold_fn(config),
+                                     checkpoint_dir=_checkpoints(paths.dpo), writer=writer)
   writer.write(history[-1]["step"], {f"final_{k}": v for k, v in final.items() if k != "samples"})
   writer.close()
   _save(policy, tokenizer, paths.dpo)
   if jax.process_index() == 0:
     plot_curves(read_jsonl(writer.path), DPO_PLOT_KEYS, os.path.join(paths.dpo, "curves.png"),
                 f"DPO ({config.dpo.loss.name})")
-    with open(os.path.join(paths.dpo, "samples.md"), "w") as f:
-      f.write(evaluation.samples_table(final.get("samples", [])) + "\n")
+    fileio.write_atomic(os.path.join(paths.dpo, "samples.md"),
+                        evaluation.samples_table(final.get("samples", [])) + "\n")
   return final
+
+
+def _final_evaluation(stage_dir: str) -> dict:
+  """The last evaluation of a finished PPO or DPO stage, as `_train_ppo` / `_train_dpo` logged
+  it."""
+  for record in reversed(read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))):
+    final = {k[len("final_"):]: v for k, v in record.items() if k.startswith("final_")}
+    if final:
+      return final
+  return {}
+
+
+def _checkpoints(stage_dir: str) -> str:
+  return os.path.join(os.path.abspath(stage_dir), "checkpoints")
+
+
+# --- stage fingerprints (`rlhf_jax.stages`) -----------------------------------------------------
+
+Hasher = Callable[[str], str]
+
+
+def _input_hash(pending: dict[str, bytes], path: str) -> str:
+  """Content hash of an input file or checkpoint directory; files about to be written count
+  with their new content."""
+  return fileio.bytes_hash(pending[path]) if path in pending else fileio.content_hash(path)
+
+
+def _fields(prefix: str, cfg: Any, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+  return {f"{prefix}.{k}": v for k, v in checkpointing.config_fingerprint(cfg, ignore).items()}
+
+
+def _model_fields(config: ExperimentConfig, from_scratch: bool) -> dict[str, Any]:
+  """The `config.model` fields a stage uses: all of them for a model built from scratch, the
+  compute settings `_load` applies to a loaded checkpoint."""
+  if from_scratch:
+    return _fields("model", config.model)
+  return {f"model.{k}": getattr(config.model, k)
+          for k in ("dtype", "param_dtype", "remat", "logits_chunk_size")}
+
+
+def _tokenizer_dir(config: ExperimentConfig) -> str:
+  return config.tokenizer_path or config.policy_path
+
+
+def _sft_stage(config: ExperimentConfig, paths: Paths, h: Hasher) -> stages_lib.Stage:
+  def fingerprint():
+    return {**_fields("sft", config.sft, resume.RESUMABLE_FIELDS),
+            **_model_fields(config, from_scratch=not config.policy_path),
+            "sft_data": h(config.sft_data), "tokenizer": h(_tokenizer_dir(config)),
+            "policy": h(config.policy_path) if config.policy_path else "from scratch"}
+  return stages_lib.Stage("sft", paths.sft, fingerprint, {},
+                          lambda: _train_sft(config, paths), lambda: paths.sft)
+
+
+def _reward_stage(config: ExperimentConfig, paths: Paths, h: Hasher,
+                  policy_path: str) -> stages_lib.Stage:
+  def fingerprint():
+    return {**_fields("reward", config.reward, resume.RESUMABLE_FIELDS),
+            **_model_fields(config, from_scratch=False),
+            "preferences": h(config.preferences), "tokenizer": h(_tokenizer_dir(config)),
+            "policy": h(policy_path)}
+  return stages_lib.Stage("reward", paths.reward, fingerprint, {},
+                          lambda: _train_reward(config, paths, policy_path),
+                          lambda: paths.reward)
+
+
+def _ppo_stage(config: ExperimentConfig, paths: Paths, h: Hasher, policy_path: str,
+               reward_path: str) -> stages_lib.Stage:
+  def fingerprint():
+    return {**_fields("ppo", config.ppo, checkpointing.RESUMABLE_FIELDS),
+            **_model_fields(config, from_scratch=False),
+            "prompts": h(config.prompts),
+            "eval_prompts": h(config.eval_prompts) if config.eval_prompts else "none",
+            "tokenizer": h(_tokenizer_dir(config)), "policy": h(policy_path),
+            "reward_model": h(reward_path) if reward_path else "none"}
+  # A finished run given more steps (or another threshold) resumes from its last checkpoint.
+  budget = {"ppo.max_steps": config.ppo.max_steps,
+            "ppo.reward_threshold": config.ppo.reward_threshold}
+  return stages_lib.Stage("ppo", paths.ppo, fingerprint, budget,
+                          lambda: _train_ppo(config, paths, policy_path, reward_path),
+                          lambda: _final_evaluation(paths.ppo))
+
+
+def _dpo_stage(config: ExperimentConfig, paths: Paths, h: Hasher,
+               policy_path: str) -> stages_lib.Stage:
+  def fingerprint():
+    return {**_fields("dpo", config.dpo, resume.RESUMABLE_FIELDS),
+            **_model_fields(config, from_scratch=False),
+            "preferences": h(config.preferences),
+            "eval_prompts": h(config.eval_prompts) if config.eval_prompts else "none",
+            "tokenizer": h(_tokenizer_dir(config)), "policy": h(policy_path)}
+  return stages_lib.Stage("dpo", paths.dpo, fingerprint, {},
+                          lambda: _train_dpo(config, paths, policy_path),
+                          lambda: _final_evaluation(paths.dpo))
+
+
+def _execute(config: ExperimentConfig, paths: Paths,
+             plan: Callable[[ExperimentConfig, Hasher], list[stages_lib.Stage]]) -> list[Any]:
+  """Runs `plan`'s stages (`stages_lib.run`), the built-in task's files written only once every
+  stage has been checked."""
+  os.makedirs(paths.workdir, exist_ok=True)
+  config, pending = _default_task(config, paths)
+  return stages_lib.run(plan(config, functools.partial(_input_hash, pending)), config.overwrite,
+                        before=lambda: _write_task(pending))
+
+
+def run_sft(config: ExperimentConfig, paths: Paths) -> str:
+  """Stage 1: supervised fine-tuning; writes <workdir>/sft. Returns the checkpoint path.
+  A policy trained from scratch is initialised from `config.sft.seed`."""
+  return _execute(config, paths, lambda c, h: [_sft_stage(c, paths, h)])[0]
+
+
+def run_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> str:
+  """Stage 2: Bradley-Terry reward model from the SFT trunk; writes <workdir>/reward."""
+  return _execute(config, paths, lambda c, h: [_reward_stage(c, paths, h, policy_path)])[0]
+
+
+def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_path: str) -> dict:
+  """Stage 3: PPO from the SFT policy against `config.ppo.rewards` (the reward model by
+  default); writes <workdir>/ppo. `reward_path` may be "" when no reward model is needed.
+
+  Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
+  """
+  if needs_reward_model(config) and not reward_path:
+    raise ValueError(f"ppo.rewards.terms={config.ppo.rewards.terms!r} with "
+                     f"ppo.critic={config.ppo.critic!r} needs a reward model: set "
+                     "--config.reward_path")
+  return _execute(config, paths,
+                  lambda c, h: [_ppo_stage(c, paths, h, policy_path, reward_path)])[0]
+
+
+def run_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict:
+  """Stage 2 of the "dpo" method: preference optimisation (`config.dpo`) of the SFT policy on
+  the preference pairs, its reference the SFT policy; writes <workdir>/dpo (the policy's Hugging
+  Face checkpoint, metrics.jsonl, curves.png, samples.md). Returns the final evaluation."""
+  return _execute(config, paths, lambda c, h: [_dpo_stage(c, paths, h, policy_path)])[0]
 
 
 def stages(config: ExperimentConfig) -> tuple[str, ...]:
   """The stages `run_all` runs: SFT unless a policy is given (and no SFT data of your own), then
-  the reward model unless one is given and PPO, or DPO with `method="dpo"`."""
+  the reward model unless one is given or none is needed and PPO, or DPO with `method="dpo"`."""
   sft = not config.policy_path or (config.sft_data and config.task.name == "")
   if config.method == "dpo":
     return ("sft",) * bool(sft) + ("dpo",)
@@ -324,19 +484,26 @@ def stages(config: ExperimentConfig) -> tuple[str, ...]:
 
 def run_all(config: ExperimentConfig, workdir: str) -> dict:
   """SFT -> reward model -> PPO (or SFT -> DPO), skipping stages whose checkpoint the config
-  provides; every stage's inputs are checked (`preflight.check_run`) before the first writes
-  anything."""
+  provides. Every stage's inputs are checked (`preflight.check_run`) and every stage's
+  fingerprint is compared with what the workdir holds before the first stage writes anything."""
   run = stages(config)
   preflight.check_run(config, workdir, run)
   paths = Paths(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  config = prepare_default_task(config, paths)
-  policy_path = run_sft(config, paths) if "sft" in run else config.policy_path
-  if "dpo" in run:
-    final = run_dpo(config, paths, policy_path)
-  else:
-    reward_path = run_reward(config, paths, policy_path) if "reward" in run else config.reward_path
-    final = run_ppo(config, paths, policy_path, reward_path)
+
+  def plan(config: ExperimentConfig, h: Hasher) -> list[stages_lib.Stage]:
+    planned = []
+    policy_path, reward_path = config.policy_path, config.reward_path
+    if "sft" in run:
+      planned.append(_sft_stage(config, paths, h))
+      policy_path = paths.sft
+    if "dpo" in run:
+      return planned + [_dpo_stage(config, paths, h, policy_path)]
+    if "reward" in run:
+      planned.append(_reward_stage(config, paths, h, policy_path))
+      reward_path = paths.reward
+    return planned + [_ppo_stage(config, paths, h, policy_path, reward_path)]
+
+  final = _execute(config, paths, plan)[-1]
   logging.info("final evaluation: %s", {k: v for k, v in final.items() if k != "samples"})
   return final
 

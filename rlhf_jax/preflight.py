@@ -20,6 +20,7 @@ import jax
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import evaluation, models, sharding
+from rlhf_jax.data import arithmetic
 from rlhf_jax.trainers import dpo as dpo_lib
 from rlhf_jax.trainers import reward as reward_lib
 from rlhf_jax.trainers import sft as sft_lib
@@ -81,7 +82,7 @@ def _data_path(config: Any, field: str) -> str | None:
   """A stage's data file (`config.<field>`), or None for the built-in task's, which
   `pipeline.prepare_default_task` writes later."""
   path = getattr(config, field)
-  if path or config.task.name == "default":
+  if path or config.task.name:   # a built-in task
     return path or None
   raise ValueError(f"--config.{field} is empty: with --config.task.name='' the stage reads "
                    "your data from it")
@@ -91,11 +92,13 @@ def _tokenizer(config: Any, workdir: str):
   """The tokenizer the stages will load; the built-in task's is built in memory when the
   workdir has none yet (`pipeline.prepare_default_task` writes it)."""
   path = config.tokenizer_path
-  if not path and config.task.name == "default":
+  if not path and config.task.name:   # a built-in task
     path = os.path.join(workdir, "tokenizer")
     if not os.path.isdir(path):
+      words = (arithmetic.vocabulary(config.task.max_operand)
+               if config.task.name == "arithmetic" else data_lib.vocabulary())
       with tempfile.TemporaryDirectory() as tmp:
-        return data_lib.build_tokenizer(data_lib.vocabulary(), tmp)
+        return data_lib.build_tokenizer(words, tmp)
   path = path or config.policy_path
   if not path:
     raise ValueError("no tokenizer: set --config.tokenizer_path or --config.policy_path")

@@ -12,8 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -21,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf_jax import fileio
 from rlhf_jax.models import safetensors_io
 from rlhf_jax.models.config import ConfigError, DecoderConfig, from_hf_config, to_hf_config
 from rlhf_jax.models.transformer import CausalLM, ScalarModel
@@ -378,8 +377,9 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
 def save_pretrained(model, path: str, *, architecture: str | None = None) -> None:
   """Writes `model` as a Hugging Face checkpoint directory (config.json + model.safetensors).
 
-  The directory is built beside `path` and renamed into place, so a crash never leaves a
-  half-written checkpoint at `path`.
+  The files are written into a sibling directory and renamed into `path` (`fileio.staging_dir`):
+  a crash never leaves a half-written file, and whatever else `path` holds (tokenizer files,
+  TensorBoard logs, metrics) stays.
   """
   from safetensors.numpy import save_file
   cfg: DecoderConfig = model.cfg
@@ -400,29 +400,14 @@ def save_pretrained(model, path: str, *, architecture: str | None = None) -> Non
   tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
   hf_cfg = to_hf_config(cfg, architecture)
   hf_cfg["dtype"] = "float32"
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
+  with fileio.staging_dir(path) as tmp:
     save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_cfg, f, indent=2, sort_keys=True)
-    if os.path.isdir(path):
-      # Keep files we did not write (tokenizer files) and replace ours.
-      for name in os.listdir(path):
-        if name not in ("model.safetensors", "config.json", "model.safetensors.index.json"):
-          src = os.path.join(path, name)
-          if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(tmp, name))
-      old = path + ".old"
-      os.replace(path, old)
-      os.replace(tmp, path)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  # A sharded checkpoint's index would shadow the single file just written.
+  stale = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(stale):
+    os.remove(stale)
 
 
 __all__ = ["CheckpointError", "ConfigError", "from_pretrained", "save_pretrained"]

@@ -27,6 +27,7 @@ from rlhf_jax import data
 from rlhf_jax import evaluation
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.logprobs import chunked_token_logprobs
+from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.models import CausalLM
 from rlhf_jax.preference_losses import (PreferenceInputs, PreferenceLossConfig, preference_loss,
                                         sequence_logps)
@@ -232,7 +233,8 @@ def train_dpo(policy: CausalLM, tokenizer: Any, pairs: Sequence[data.PreferenceP
               cfg: DPOConfig, mesh: Mesh | None = None, log_fn: trainers.LogFn | None = None,
               eval_pairs: Sequence[data.PreferencePair] | None = None,
               eval_prompts: Sequence[str] = (), gold_fn: Callable[[str], float] | None = None,
-              ref_policy: CausalLM | None = None,
+              ref_policy: CausalLM | None = None, checkpoint_dir: str | None = None,
+              writer: MetricsWriter | None = None,
               ) -> tuple[CausalLM, list[trainers.Metrics], dict[str, Any]]:
   """Optimises `policy` on preference pairs with the loss `cfg.loss.name`.
 
@@ -247,6 +249,8 @@ def train_dpo(policy: CausalLM, tokenizer: Any, pairs: Sequence[data.PreferenceP
     eval_prompts: Prompts of the generation evaluation; empty: the held-out pairs' prompts.
     gold_fn: Optional text -> score of a judge the policy never sees (logged as gold_score).
     ref_policy: The frozen reference (same graph as `policy`); None: `policy` as given.
+    checkpoint_dir, writer: Checkpoints and resumption (see `trainers.fit`); the reference
+      log-probs are recomputed on resume, deterministically.
 
   Returns:
     (trained policy, history, final evaluation). History: per-step "loss" and the loss's aux
@@ -288,7 +292,8 @@ def train_dpo(policy: CausalLM, tokenizer: Any, pairs: Sequence[data.PreferenceP
 
   params, history = trainers.fit(
       cfg, graphdef, params, functools.partial(dpo_batch_loss, loss_cfg=cfg.loss), train,
-      evaluate if pair_eval is not None or generation is not None else None, mesh, log_fn)
+      evaluate if pair_eval is not None or generation is not None else None, mesh, log_fn,
+      checkpoint_dir=checkpoint_dir, writer=writer)
   final: dict[str, Any] = {k.removeprefix("eval_"): v for k, v in history[-1].items()
                            if k.startswith("eval_")}
   if samples:

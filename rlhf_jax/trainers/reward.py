@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import data
 from rlhf_jax import losses
+from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.trainers import supervised as trainers
 from rlhf_jax.models import ScalarModel
 
@@ -87,6 +88,7 @@ def train_reward_model(model: ScalarModel, tokenizer: Any, pairs: Sequence[data.
                        cfg: RewardConfig, mesh: Mesh | None = None,
                        log_fn: trainers.LogFn | None = None,
                        eval_pairs: Sequence[data.PreferencePair] | None = None,
+                       checkpoint_dir: str | None = None, writer: MetricsWriter | None = None,
                        ) -> tuple[ScalarModel, list[trainers.Metrics], trainers.Metrics]:
   """Trains `model` to score chosen above rejected completions.
 
@@ -99,6 +101,7 @@ def train_reward_model(model: ScalarModel, tokenizer: Any, pairs: Sequence[data.
     mesh: Optional mesh (params by their logical axes, pairs over the batch axes).
     log_fn: `log_fn(step, metrics)` at logging and evaluation steps.
     eval_pairs: Explicit held-out pairs (then nothing is split off `pairs`).
+    checkpoint_dir, writer: Checkpoints and resumption (see `trainers.fit`).
 
   Returns:
     (trained model, history, eval_metrics). History: per-step "loss", "accuracy", "margin_mean",
@@ -115,7 +118,8 @@ def train_reward_model(model: ScalarModel, tokenizer: Any, pairs: Sequence[data.
   evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh, cfg.length_buckets)
               if trainers.num_rows(held_out) else None)
   loss_fn = functools.partial(reward_batch_loss, center_coef=cfg.center_coef)
-  params, history = trainers.fit(cfg, graphdef, params, loss_fn, train, evaluate, mesh, log_fn)
+  params, history = trainers.fit(cfg, graphdef, params, loss_fn, train, evaluate, mesh, log_fn,
+                                 checkpoint_dir=checkpoint_dir, writer=writer)
   # fit evaluates after the last step; its entry holds the final held-out metrics.
   eval_metrics = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_")}
   return nnx.merge(graphdef, params), history, eval_metrics

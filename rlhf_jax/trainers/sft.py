@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import data
 from rlhf_jax import losses
+from rlhf_jax.metrics import MetricsWriter
 from rlhf_jax.trainers import supervised as trainers
 from rlhf_jax.models import CausalLM
 
@@ -75,6 +76,7 @@ def make_evaluator(graphdef: nnx.GraphDef, arrays: trainers.Batch, batch_size: i
 def train_sft(model: CausalLM, tokenizer: Any, examples: Sequence[data.SFTExample],
               cfg: SFTConfig, mesh: Mesh | None = None, log_fn: trainers.LogFn | None = None,
               eval_examples: Sequence[data.SFTExample] | None = None,
+              checkpoint_dir: str | None = None, writer: MetricsWriter | None = None,
               ) -> tuple[CausalLM, list[trainers.Metrics]]:
   """Fine-tunes `model` on `examples` with the completion-only next-token loss.
 
@@ -87,6 +89,7 @@ def train_sft(model: CausalLM, tokenizer: Any, examples: Sequence[data.SFTExampl
     mesh: Optional mesh (params by their logical axes, rows over the batch axes).
     log_fn: `log_fn(step, metrics)` at logging and evaluation steps.
     eval_examples: Explicit held-out demonstrations (then nothing is split off `examples`).
+    checkpoint_dir, writer: Checkpoints and resumption (see `trainers.fit`).
 
   Returns:
     (trained model, history): per-step "loss", "token_accuracy", "num_tokens", "grad_norm",
@@ -99,5 +102,6 @@ def train_sft(model: CausalLM, tokenizer: Any, examples: Sequence[data.SFTExampl
   evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh, cfg.length_buckets)
               if trainers.num_rows(held_out) else None)
   params, history = trainers.fit(cfg, graphdef, params, sft_batch_loss, train, evaluate, mesh,
-                                 log_fn, count_fn=sft_batch_targets)
+                                 log_fn, count_fn=sft_batch_targets,
+                                 checkpoint_dir=checkpoint_dir, writer=writer)
   return nnx.merge(graphdef, params), history

@@ -8,11 +8,15 @@ optimizer state donated (its gradient optionally accumulated over microbatches),
 per-epoch shuffles, each batch trimmed to one of a few widths (`data.batching`: one compilation
 per width), optional mesh placement (params by their logical axes, batch rows over the
 batch axes), held-out evaluation and a `log_fn(step, metrics)` callback. The Python loop only
-feeds batches; metrics are fetched once per logging window.
+feeds batches; metrics are fetched once per logging window. Steps with a non-finite loss or
+gradient are skipped and counted, a run of them stops the loop (`faults.NonfiniteGuard`); with a
+checkpoint directory the loop checkpoints periodically and on SIGTERM / SIGINT and resumes bitwise
+(`resume.LoopCheckpoints`).
 """
 
 import contextlib
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -25,10 +29,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from rlhf_jax import faults
 from rlhf_jax import microbatch
 from rlhf_jax import optim as optim_lib
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import batching
+from rlhf_jax.metrics import MetricsWriter
+from rlhf_jax.trainers import resume
 
 Batch = dict[str, np.ndarray]
 Metrics = dict[str, float]
@@ -40,6 +47,8 @@ EvalFn = Callable[[nnx.State], Metrics]
 # The train/eval split's random stream of the config seed (the shuffles draw
 # batching.SHUFFLE_STREAM).
 _SPLIT_STREAM = 0
+_NONFINITE_ADVICE = ("Lower the learning rate, check the data for empty or broken rows, or use "
+                     "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +82,13 @@ class TrainerConfig:
       order; `batching.epoch_plan`): the least padding on long-tailed lengths, but batches other
       than the plain shuffle's. False: the plain shuffle's batches, only trimmed (the same
       updates up to float rounding).
+    checkpoint_every: With a checkpoint directory (`fit`), save params, optimizer state and the
+      loop position every this many steps (0: only on SIGTERM / SIGINT); a rerun resumes from
+      the newest checkpoint bitwise.
+    keep_checkpoints: Newest checkpoints kept.
+    max_nonfinite_steps: Stop (FloatingPointError naming the step) after this many consecutive
+      steps whose loss or gradient was not finite; each such step is skipped, params and
+      optimizer state unchanged.
   """
   batch_size: int = 32
   epochs: int = 1
@@ -86,12 +102,16 @@ class TrainerConfig:
   micro_batch_size: int | None = None
   length_buckets: int = 8
   group_by_length: bool = False
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 2
+  max_nonfinite_steps: int = 3
 
   def __post_init__(self):
-    for name in ("batch_size", "epochs", "max_len", "log_every", "length_buckets"):
+    for name in ("batch_size", "epochs", "max_len", "log_every", "length_buckets",
+                 "keep_checkpoints", "max_nonfinite_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("eval_every", "seed"):
+    for name in ("eval_every", "seed", "checkpoint_every"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if not 0.0 <= self.eval_fraction < 1.0:
@@ -200,7 +220,9 @@ def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientT
   """The pure step `(params, opt_state, batch) -> (params, opt_state, metrics)`.
 
   One gradient of `loss_fn(nnx.merge(graphdef, params), batch) -> (loss, aux)` and one optimizer
-  update; metrics are aux plus "loss" and the pre-clipping "grad_norm".
+  update; metrics are aux plus "loss", the pre-clipping "grad_norm" and "nonfinite_steps" (1.0
+  when the loss or gradient was not finite: then params and optimizer state are returned
+  unchanged, as `ppo_update` does for a minibatch).
 
   With `micro_batch_size`, the gradient is summed over microbatches of that many rows
   (`microbatch.accumulate`). The loss must be a mean over the `count_fn(batch)` rows or tokens of
@@ -221,9 +243,15 @@ def make_train_step(loss_fn: LossFn, graphdef: nnx.GraphDef, tx: optax.GradientT
     total = count_fn(batch)
     grads, metrics = microbatch.accumulate(lambda p, m: micro_grads(p, m, total), params, batch,
                                            micro_batch_size)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, dict(metrics, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+    def update(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+    # A branch, not a select: both copies of params and optimizer state would be live at once.
+    params, opt_state = jax.lax.cond(finite, update, lambda *c: c, params, opt_state)
+    return params, opt_state, dict(metrics, grad_norm=grad_norm, nonfinite_steps=1.0 - finite)
   return step
 
 
@@ -246,8 +274,9 @@ def _init_state(tx: optax.GradientTransformation, params: nnx.State, mesh: Mesh 
 
 def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: LossFn,
         train: Batch, evaluate: EvalFn | None = None, mesh: Mesh | None = None,
-        log_fn: LogFn | None = None,
-        count_fn: CountFn = count_rows) -> tuple[nnx.State, list[Metrics]]:
+        log_fn: LogFn | None = None, count_fn: CountFn = count_rows,
+        checkpoint_dir: str | None = None,
+        writer: MetricsWriter | None = None) -> tuple[nnx.State, list[Metrics]]:
   """Minimises `loss_fn` over `cfg.epochs` shuffled passes of `train`.
 
   Args:
@@ -263,13 +292,24 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
     log_fn: Called as `log_fn(step, entry)` at logging and evaluation steps.
     count_fn: The count `loss_fn` averages over on a batch (rows by default), which weights the
       microbatches of `cfg.micro_batch_size` (see `make_train_step`).
+    checkpoint_dir: Where to checkpoint (`resume.LoopCheckpoints`, every `cfg.checkpoint_every`
+      steps and on SIGTERM / SIGINT, which then raise `faults.Preempted`); when it holds a
+      checkpoint of this config the loop resumes from the newest one. None: no checkpoints.
+    writer: The MetricsWriter `log_fn` writes to; a resumed loop drops its records logged after
+      the checkpoint.
 
   Returns:
-    (final params, history): one entry per step with "step", "epoch", "learning_rate", the step
-    metrics, "batch_width" (the width its batch was trimmed to), "padding_fraction" (1 - real
-    tokens / slots of its "*attention_mask" arrays) and "tokens_per_s" (real tokens over wall
+    (final params, history): one entry per step this call ran, with "step", "epoch",
+    "learning_rate", the step metrics, "batch_width" (the width its batch was trimmed to),
+    "padding_fraction" (1 - real tokens / slots of its "*attention_mask" arrays),
+    "nonfinite_steps_total" (skipped steps so far) and "tokens_per_s" (real tokens over wall
     time of its logging window, compilation and evaluation excluded; async dispatch makes
-    single-step timings meaningless).
+    single-step timings meaningless). A call resumed after the last step runs none and returns
+    the checkpoint's last entry.
+
+  Raises:
+    FloatingPointError: `cfg.max_nonfinite_steps` consecutive steps were skipped.
+    faults.Preempted: SIGTERM / SIGINT arrived (after the checkpoint of the step it stopped at).
   """
   n = num_rows(train)
   steps_per_epoch = n // cfg.batch_size
@@ -285,6 +325,10 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
   schedule = optim_lib.learning_rate_schedule(optim_cfg)
   learning_rates = np.asarray(jax.vmap(schedule)(jnp.arange(total)))
   params, opt_state, shardings = _init_state(tx, params, mesh)
+  ckpt = resume.LoopCheckpoints(checkpoint_dir, cfg, writer) if checkpoint_dir else None
+  resumed: dict[str, Any] = {}
+  if ckpt is not None:
+    params, opt_state, resumed = ckpt.restore(params, opt_state)
   jit_kw = {} if shardings is None else {"out_shardings": shardings}
   jitted = jax.jit(make_train_step(loss_fn, graphdef, tx, cfg.micro_batch_size, count_fn),
                    donate_argnums=(0, 1), **jit_kw)
@@ -303,31 +347,52 @@ def fit(cfg: TrainerConfig, graphdef: nnx.GraphDef, params: nnx.State, loss_fn: 
   logging.info("fit: compiled the train step for widths %s in %.1f s (%d steps)",
                sorted(step_fns), time.perf_counter() - start, total)
 
-  history: list[Metrics] = []
+  step = resumed.get("step", 0)
+  history: list[Metrics] = [resumed["last_entry"]] if step == total else []
+  guard = faults.NonfiniteGuard(cfg.max_nonfinite_steps, resumed.get("nonfinite_streak", 0),
+                                unit="steps", advice=_NONFINITE_ADVICE)
+  skipped = resumed.get("nonfinite_total", 0)
   pending: list[tuple[int, int, dict[str, jax.Array]]] = []
-  window_tokens, window_start, step = 0, time.perf_counter(), 0
-  for epoch in range(cfg.epochs):
-    for _, rows, width in batching.epoch_plan(lengths, cfg.batch_size, widths, cfg.seed, epoch,
-                                              cfg.group_by_length):
-      batch = batching.trim(take_rows(train, rows), width)
-      params, opt_state, metrics = step_fns[width](params, opt_state, put_batch(batch, mesh))
-      step += 1
-      real, slots = batching.token_counts(batch)
-      pending.append((step, epoch, dict(metrics, batch_width=width,
-                                        padding_fraction=1.0 - real / max(slots, 1))))
-      window_tokens += real
-      eval_now = evaluate is not None and (
-          step == total or (cfg.eval_every and step % cfg.eval_every == 0))
-      if not (eval_now or step == total or step % cfg.log_every == 0):
-        continue
-      fetched = jax.device_get([m for _, _, m in pending])   # waits for the window's steps
-      rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-      for (s, e, _), m in zip(pending, fetched):
-        history.append({"step": s, "epoch": e, "learning_rate": float(learning_rates[s - 1]),
-                        **{k: float(v) for k, v in m.items()}, "tokens_per_s": rate})
-      if eval_now:
-        history[-1].update({f"eval_{k}": v for k, v in evaluate(params).items()})
-      if log_fn is not None:
-        log_fn(step, dict(history[-1]))
-      pending, window_tokens, window_start = [], 0, time.perf_counter()
+  window_tokens, window_start = 0, time.perf_counter()
+  steps = batching.plan(lengths, cfg.batch_size, widths, cfg.seed, cfg.epochs,
+                        cfg.group_by_length)   # a pure function of (data, cfg): resume skips
+  with faults.PreemptionHandler() as preemption:
+    try:
+      for epoch, rows, width in itertools.islice(steps, step, None):
+        batch = batching.trim(take_rows(train, rows), width)
+        params, opt_state, metrics = step_fns[width](params, opt_state, put_batch(batch, mesh))
+        step += 1
+        real, slots = batching.token_counts(batch)
+        pending.append((step, epoch, dict(metrics, batch_width=width,
+                                          padding_fraction=1.0 - real / max(slots, 1))))
+        window_tokens += real
+        eval_now = evaluate is not None and (
+            step == total or (cfg.eval_every and step % cfg.eval_every == 0))
+        log_now = eval_now or step == total or step % cfg.log_every == 0
+        save_now = ckpt is not None and ckpt.due(step)
+        if not (log_now or save_now):
+          continue
+        fetched = jax.device_get([m for _, _, m in pending])   # waits for the window's steps
+        rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+        for (s, e, _), m in zip(pending, fetched):
+          skipped += int(m["nonfinite_steps"])
+          history.append({"step": s, "epoch": e, "learning_rate": float(learning_rates[s - 1]),
+                          **{k: float(v) for k, v in m.items()},
+                          "nonfinite_steps_total": skipped, "tokens_per_s": rate})
+          guard.update(s, history[-1])
+        if eval_now:
+          history[-1].update({f"eval_{k}": v for k, v in evaluate(params).items()})
+        if log_now and log_fn is not None:
+          log_fn(step, dict(history[-1]))
+        pending, window_tokens, window_start = [], 0, time.perf_counter()
+        # Polled only here: a multi-process poll is a collective, which would sync every step.
+        preempted = preemption.requested()
+        if ckpt is not None and (save_now or preempted):
+          ckpt.save(step, params, opt_state, force=preempted, nonfinite_streak=guard.streak,
+                    nonfinite_total=skipped, last_entry=history[-1])
+        if preempted:
+          raise faults.Preempted(step, preemption.signum, ckpt.directory if ckpt else None)
+    finally:   # a checkpoint in flight completes even when the loop raised
+      if ckpt is not None:
+        ckpt.close()
   return params, history
