@@ -18,6 +18,7 @@ from flax import nnx
 from rlhf_jax import data as data_lib
 from rlhf_jax import evaluation, models, sharding
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
+from rlhf_jax.models import lora
 from rlhf_jax.score import reward_model_fn
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 from rlhf_jax.trainers.reward import RewardConfig, train_reward_model
@@ -205,6 +206,8 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   """Stage 3: PPO from the SFT policy against the reward model; writes <workdir>/ppo.
 
   Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
+  The trained policy goes to <workdir>/ppo/policy; under LoRA (`ppo.lora.rank` > 0) with the
+  adapters merged, and also as a PEFT adapter directory <workdir>/ppo/adapter.
   """
   tokenizer = load_tokenizer(config)
   policy = _load(config, policy_path, "causal_lm")
@@ -228,8 +231,11 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   writer.write(int(trainer.state.step), {f"final_{k}": v for k, v in final.items()
                                          if k != "samples"})
   writer.close()
-  _save(trainer.policy, tokenizer, paths.policy)
+  _save(trainer.policy, tokenizer, paths.policy)   # under LoRA: the adapters merged in
   if jax.process_index() == 0:
+    if config.ppo.lora.enabled:   # and as a PEFT adapter over the SFT policy
+      lora.save_peft(trainer.adapted_policy, os.path.join(paths.ppo, "adapter"),
+                     base_model_name_or_path=os.path.abspath(policy_path))
     records = read_jsonl(writer.path)
     plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO",
                 flag_key="reward_hacking")

@@ -131,6 +131,7 @@ EXPLICIT = {
     "reward.optim.schedule": "linear", "ppo.optim.schedule": "linear",
     "ppo.frozen_param_dtype": "bfloat16", "model.remat": "full", "ppo.micro_batch_size": 8,
     "sft.micro_batch_size": 16, "reward.micro_batch_size": 16,
+    "ppo.lora.target_modules": r"attn\.(q|v)",
 }
 
 
