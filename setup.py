@@ -29,7 +29,10 @@ setuptools.setup(
     extras_require={
         # torch is only a reference for parity tests, never a runtime dependency. Pinned to the
         # CPU wheel that lies on disk here so pip never pulls a multi-GB CUDA build.
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "datasets>=3", "pyarrow>=15"],
+        # peft: the reference that LoRA adapter directories are checked against (its loader and
+        # LoRA layers on the transformers model); it pulls accelerate, not another torch.
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "datasets>=3", "pyarrow>=15",
+                 "peft==0.21.2"],
         # Parquet and datasets-on-disk prompt/preference files.
         "data": ["datasets>=3", "pyarrow>=15"],
     },

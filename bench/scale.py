@@ -39,6 +39,7 @@ from rlhf_jax import kl as kl_lib  # noqa: E402
 from rlhf_jax import ppo as ppo_lib  # noqa: E402
 from rlhf_jax import sharding as sharding_lib  # noqa: E402
 from rlhf_jax.models import CausalLM, DecoderConfig, ScalarModel  # noqa: E402
+from rlhf_jax.models import lora  # noqa: E402
 from rlhf_jax.optim import OptimConfig, make_optimizer  # noqa: E402
 from rlhf_jax.collect import collect  # noqa: E402
 from rlhf_jax.rollout import SamplingConfig  # noqa: E402
@@ -128,10 +129,10 @@ def param_bytes(state) -> int:
 
 def make_collect(ppo_cfg, ref_graphdef, reward_fn):
   """The trainer's collect program (`rlhf_jax.collect.collect`), its arguments positional."""
-  def program(state, ref_params, reward_params, reward_norm, ids, mask, key):
+  def program(state, ref_params, reward_params, reward_norm, ids, mask, key, frozen=None):
     return collect(ppo_cfg, state, ids, mask, key, ref_graphdef=ref_graphdef,
                    ref_params=ref_params, reward_fn=reward_fn, reward_params=reward_params,
-                   reward_norm=reward_norm)
+                   reward_norm=reward_norm, frozen=frozen)
   return program
 
 
@@ -140,23 +141,47 @@ def _fsdp_share(mesh) -> float:
   return (f - 1) / f
 
 
-def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
-                 mesh) -> dict[str, Program]:
+def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload, mesh,
+                 lora_cfg: lora.LoRAConfig = lora.LoRAConfig()) -> dict[str, Program]:
   """The PPO trainer's `update` (policy + separate critic, fp32 weights and Adam state, state
   donated) and `collect` (rollout, critic values, score with the frozen reference and reward
-  model in `frozen_cfg`'s dtypes)."""
+  model in `frozen_cfg`'s dtypes). With `lora_cfg` enabled, as the trainer runs LoRA: the
+  state holds fp32 adapters (and the critic's head) with their Adam state, the frozen bases of
+  policy and critic are a separate argument in `frozen_cfg`'s param dtype
+  (`frozen_param_dtype`), and the reference is the policy's base: no reference weights."""
   b, p, n = work.batch, work.prompt_len, work.response_len
   sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD)
   ppo_cfg = ppo_lib.PPOConfig(sampling=sampling, num_minibatches=work.num_minibatches,
                               ppo_epochs=work.ppo_epochs, micro_batch_size=work.micro_batch_size,
                               kl=kl_lib.KLConfig(estimator="k1", in_reward=True))
   tx = make_optimizer(OptimConfig())
-  state = jax.eval_shape(lambda: ppo_lib.init_train_state(
-      ppo_cfg, CausalLM(cfg, rngs=nnx.Rngs(0)), tx, jax.random.key(0),
-      ScalarModel(cfg, rngs=nnx.Rngs(1))))
+
+  def models():
+    policy, value = CausalLM(cfg, rngs=nnx.Rngs(0)), ScalarModel(cfg, rngs=nnx.Rngs(1))
+    if lora_cfg.enabled:
+      policy = lora.add_adapters(policy, lora_cfg, jax.random.key(4))
+      value = lora.add_adapters(value, lora_cfg, jax.random.key(5))
+    return policy, value
+
+  def init():
+    policy, value = models()
+    frozen = jax.tree.map(lambda x: x.astype(frozen_cfg.weight_dtype),
+                          ppo_lib.frozen_params(ppo_cfg, policy, value))
+    return ppo_lib.init_train_state(ppo_cfg, policy, tx, jax.random.key(0), value), frozen
+
+  state, frozen = jax.eval_shape(init)
   state_sh = ppo_lib.train_state_shardings(state, mesh)
   state = _sharded(state, state_sh)
-  ref_graphdef, ref_params = _frozen(CausalLM, frozen_cfg, mesh, 2)
+  frozen_bytes = 0
+  if lora_cfg.enabled:
+    frozen = {k: _sharded(v, sharding_lib.param_shardings(v, mesh)) for k, v in frozen.items()}
+    frozen_bytes = param_bytes(frozen)
+    ref_graphdef = lora.base(nnx.eval_shape(models)[0])[0]
+    ref_params, ref_bytes = None, param_bytes(frozen["policy"])
+  else:
+    frozen = None
+    ref_graphdef, ref_params = _frozen(CausalLM, frozen_cfg, mesh, 2)
+    ref_bytes = param_bytes(ref_params)
   reward_graphdef, reward_params = _frozen(ScalarModel, frozen_cfg, mesh, 3)
   collect_program = jax.jit(make_collect(ppo_cfg, ref_graphdef, reward_model_fn(reward_graphdef)))
   rep = sharding_lib.replicated(mesh)
@@ -164,7 +189,7 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
   norm = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                       jax.eval_shape(RewardNorm.identity))
   collect_args = (state, ref_params, reward_params, norm, ids, ids,
-                  jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep))
+                  jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep), frozen)
   scored = _rows(jax.eval_shape(collect_program, *collect_args)[0], mesh)
   update = jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                    out_shardings=(state_sh, None))
@@ -172,10 +197,13 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload,
   steps = work.ppo_epochs * work.num_minibatches
   # Each model's weights gathered once: a sampler that gathered them per decode step would move
   # N times the policy instead (decode wants its own layout: gathered or tensor-parallel).
-  collect_ideal = policy + value + param_bytes(ref_params) + param_bytes(reward_params)
+  # Under LoRA the reference forward gathers the policy's base once more.
+  collect_ideal = policy + value + frozen_bytes + ref_bytes + param_bytes(reward_params)
+  # Trained weights: gathered for the forward and the backward, gradient reduce-scattered;
+  # frozen ones: gathered twice, no gradient.
+  update_ideal = steps * (3 * (policy + value) + 2 * frozen_bytes) * _fsdp_share(mesh)
   return {
-      "update": Program(update, (ppo_cfg, state, scored),
-                        3 * steps * (policy + value) * _fsdp_share(mesh),
+      "update": Program(update, (ppo_cfg, state, scored, frozen), update_ideal,
                         (b // work.num_minibatches, b)),
       "collect": Program(collect_program, collect_args, collect_ideal * _fsdp_share(mesh), (b,), n - 1),
   }
@@ -222,7 +250,8 @@ def run(args) -> list[dict]:
   wanted = args.programs.split(",")
   programs = {}
   if {"update", "collect"} & set(wanted):
-    programs.update(ppo_programs(cfg, frozen, work, mesh))
+    programs.update(ppo_programs(cfg, frozen, work, mesh, lora.LoRAConfig(
+        rank=args.lora_rank, alpha=args.lora_alpha, target_modules=args.lora_targets)))
   if {"sft_step", "rm_step"} & set(wanted):
     programs.update(supervised_programs(cfg, work, mesh))
   lengths = (work.prompt_len, work.response_len, work.prompt_len + work.response_len)
@@ -234,6 +263,7 @@ def run(args) -> list[dict]:
                     flat_sizes=[b * t for b in prog.rows for t in lengths],
                     unknown_trip_count=prog.loop_bound)
     res.update(program=name, model=args.model, layers=cfg.num_layers, mesh=shape,
+               lora_rank=args.lora_rank if name in ("update", "collect") else 0,
                workload=dataclasses.asdict(work), ideal_fsdp_wire_bytes=prog.ideal_wire_bytes)
     report(res)
     results.append(res)
@@ -244,6 +274,7 @@ def report(res: dict) -> None:
   gib = lambda x: f"{x / 2 ** 30:8.2f}"
   mem, col = res["memory"], res["collectives"]
   print(f"\n== {res['program']}  {res['model']} layers={res['layers']} mesh={res['mesh']}  "
+        f"lora_rank={res.get('lora_rank', 0)}  "
         f"lower {res['lower_s']} s  compile {res['compile_s']} s  flops/device "
         f"{res['flops'] or 0:.3e}")
   print("per device GiB: argument" + gib(mem["argument"]) + "  output" + gib(mem["output"])
@@ -286,7 +317,13 @@ def parse_args(argv=None):
                   help="PPO gradient accumulation: rows per microbatch (global)")
   ap.add_argument("--remat", default="none", help="DecoderConfig.remat of the trained models")
   ap.add_argument("--dtype", default="bfloat16", help="compute dtype of every model")
-  ap.add_argument("--frozen_dtype", default="bfloat16", help="param dtype of reference + reward")
+  ap.add_argument("--frozen_dtype", default="bfloat16",
+                  help="param dtype of reference + reward (and, under LoRA, the frozen bases)")
+  ap.add_argument("--lora_rank", type=int, default=0,
+                  help="PPO with LoRA adapters of this rank on policy and critic (0: full)")
+  ap.add_argument("--lora_alpha", type=float, default=16.0)
+  ap.add_argument("--lora_targets", default=lora.LoRAConfig.target_modules,
+                  help="regex over the projection names (lora.LoRAConfig.target_modules)")
   args = ap.parse_args(argv)
   unknown = set(args.programs.split(",")) - set(PROGRAMS)
   if unknown:

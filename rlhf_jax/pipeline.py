@@ -26,6 +26,7 @@ from rlhf_jax import rewards as rewards_lib
 from rlhf_jax import stages as stages_lib
 from rlhf_jax.data import arithmetic
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
+from rlhf_jax.models import lora
 from rlhf_jax.trainers.dpo import DPOConfig, train_dpo
 from rlhf_jax.trainers.ppo import PPOTrainer, PPOTrainerConfig
 from rlhf_jax.trainers import resume
@@ -295,8 +296,11 @@ def _train_ppo(config: ExperimentConfig, paths: Paths, policy_path: str,
   writer.write(int(trainer.state.step), {f"final_{k}": v for k, v in final.items()
                                          if k != "samples"})
   writer.close()
-  _save(trainer.policy, tokenizer, paths.policy)
+  _save(trainer.policy, tokenizer, paths.policy)   # under LoRA: the adapters merged in
   if jax.process_index() == 0:
+    if config.ppo.lora.enabled:   # and as a PEFT adapter over the SFT policy
+      lora.save_peft(trainer.adapted_policy, os.path.join(paths.ppo, "adapter"),
+                     base_model_name_or_path=os.path.abspath(policy_path))
     records = read_jsonl(writer.path)
     plot_curves(records, PPO_PLOT_KEYS, os.path.join(paths.ppo, "curves.png"), "PPO",
                 flag_key="reward_hacking")
@@ -456,6 +460,8 @@ def run_ppo(config: ExperimentConfig, paths: Paths, policy_path: str, reward_pat
   default); writes <workdir>/ppo. `reward_path` may be "" when no reward model is needed.
 
   Checkpoints go to <workdir>/ppo/checkpoints; a rerun with the same workdir resumes from them.
+  The trained policy goes to <workdir>/ppo/policy; under LoRA (`ppo.lora.rank` > 0) with the
+  adapters merged, and also as a PEFT adapter directory <workdir>/ppo/adapter.
   """
   if needs_reward_model(config) and not reward_path:
     raise ValueError(f"ppo.rewards.terms={config.ppo.rewards.terms!r} with "

@@ -27,6 +27,7 @@ from rlhf_jax.losses import (POLICY_LOSSES, VALUE_LOSSES, PolicyLossConfig, Valu
                              loss_normalizer, normalizer_counts, policy_loss, value_loss)
 from rlhf_jax.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlhf_jax.mismatch import MismatchConfig, correction_weights
+from rlhf_jax.models import lora
 from rlhf_jax.rollout import Rollout, SamplingConfig, completion_hidden
 from rlhf_jax.score import Scored, completion_logprobs
 
@@ -109,7 +110,9 @@ class TrainState:
   """Everything that changes during RL training, as one pytree.
 
   Attributes:
-    params: {"policy": State, "value": State | {"head": array} | None}.
+    params: {"policy": State, "value": State | {"head": array} | None}: what is trained. Under
+      LoRA (models carrying `lora` adapters), only the adapters (and a critic's head); the
+      frozen base weights travel beside the state (`frozen_params`, never donated).
     opt_state: Optax state of `tx` over `params`.
     kl: KL-controller state (the current coefficient).
     rng: PRNG key; per-step streams are derived with fold_in(rng, step).
@@ -130,17 +133,31 @@ class TrainState:
     return nnx.merge(self.policy_graphdef, self.params["policy"])
 
 
+def _initial_params(cfg: PPOConfig, policy: nnx.Module, value_model: nnx.Module | None):
+  """(policy graphdef, value graphdef, (frozen, trainable) params: `lora.partition`)."""
+  policy_graphdef, policy_params = nnx.split(policy)
+  value_graphdef, value_params = cfg.critic_impl.init(policy, value_model)
+  return policy_graphdef, value_graphdef, lora.partition(
+      {"policy": policy_params, "value": value_params})
+
+
 def init_train_state(cfg: PPOConfig, policy: nnx.Module, tx: optax.GradientTransformation,
                      rng: jax.Array, value_model: nnx.Module | None = None) -> TrainState:
   """Builds the train state from a policy CausalLM and the critic's parameters (`cfg.critic`;
-  a "separate" critic is initialised from `value_model`, a ScalarModel)."""
-  policy_graphdef, policy_params = nnx.split(policy)
-  value_graphdef, value_params = cfg.critic_impl.init(policy, value_model)
-  params = {"policy": policy_params, "value": value_params}
+  a "separate" critic is initialised from `value_model`, a ScalarModel). A model with LoRA
+  adapters (`lora.add_adapters`) trains only those: its base goes to `frozen_params`."""
+  policy_graphdef, value_graphdef, (_, params) = _initial_params(cfg, policy, value_model)
   return TrainState(params=params, opt_state=tx.init(params),
                     kl=kl_lib.init_kl_controller(cfg.kl), rng=rng,
                     step=jnp.zeros((), jnp.int32), policy_graphdef=policy_graphdef,
                     value_graphdef=value_graphdef, tx=tx)
+
+
+def frozen_params(cfg: PPOConfig, policy: nnx.Module,
+                  value_model: nnx.Module | None = None) -> dict[str, nnx.State | None]:
+  """The frozen base weights that `init_train_state` leaves out of the state, per model (None
+  for a model trained in full); `ppo_update` and `collect` take them as `frozen`."""
+  return _initial_params(cfg, policy, value_model)[2][0]
 
 
 def train_state_shardings(state: TrainState, mesh: jax.sharding.Mesh,
@@ -188,7 +205,7 @@ class Minibatch:
 
 
 def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
-                    kl_coef: jax.Array, totals: dict[str, jax.Array]):
+                    kl_coef: jax.Array, totals: dict[str, jax.Array], frozen=None):
   """Policy loss - ent_coef * entropy [+ kl_coef * KL] [+ vf_coef * value loss], one forward
   pass of the policy trunk shared by the log-probs and a shared critic.
 
@@ -201,6 +218,7 @@ def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
   share = jax.tree.map(lambda n, total: n / jnp.maximum(total, 1.0),
                        normalizer_counts(mask), totals)
   per_token = lambda x: share["token"] * x   # scales a token-level mean
+  params = lora.join(frozen, params)
   policy = nnx.merge(state.policy_graphdef, params["policy"])
   hidden = completion_hidden(policy, rollout)
   logprobs, entropy = completion_logprobs(policy, rollout, hidden, with_entropy=True)
@@ -228,8 +246,8 @@ def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
   return loss, metrics
 
 
-def ppo_update(cfg: PPOConfig, state: TrainState,
-               scored: Scored) -> tuple[TrainState, dict[str, jax.Array]]:
+def ppo_update(cfg: PPOConfig, state: TrainState, scored: Scored,
+               frozen: dict | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One PPO phase: advantages, then epochs x minibatches of clipped-surrogate steps.
 
   Pure; jit it with `cfg` static and the state donated:
@@ -244,6 +262,8 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
     state: TrainState.
     scored: output of `collect` (values present iff the critic has them). Its rollout's
       recorded temperature is the one the log-probs are recomputed at.
+    frozen: `frozen_params` under LoRA (never donated: the reference reads the same arrays);
+      gradients and optimizer steps cover `state.params` only.
 
   Returns:
     (new state, metrics averaged over all minibatch steps plus batch statistics).
@@ -284,8 +304,9 @@ def ppo_update(cfg: PPOConfig, state: TrainState,
   if mb_size % micro:
     raise ValueError(f"micro_batch_size={micro} does not divide the minibatch size {mb_size} "
                      f"(batch size {b} / num_minibatches={cfg.num_minibatches})")
-  grad_fn = jax.grad(lambda p, mb, totals: _minibatch_loss(cfg, state, p, mb, kl_coef, totals),
-                     has_aux=True)
+  grad_fn = jax.grad(
+      lambda p, mb, totals: _minibatch_loss(cfg, state, p, mb, kl_coef, totals, frozen),
+      has_aux=True)
 
   def minibatch_grad(params, mb):
     """(gradient, metrics) of the minibatch `mb`, summed over its microbatches."""

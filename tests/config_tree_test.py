@@ -155,6 +155,7 @@ EXPLICIT = {
     "dpo.sampling.pad_token_id": 4, "dpo.optim.schedule": "linear", "dpo.micro_batch_size": 16,
     "ppo.rewards.terms": "reward_model+0.5*format", "ppo.mismatch.correction": "tis",
     "ppo.kl.loss_average": "sequence",
+    "ppo.lora.target_modules": r"attn\.(q|v)",
 }
 
 

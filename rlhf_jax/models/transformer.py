@@ -49,6 +49,13 @@ def _dense(x: jax.Array, w: jax.Array, bias: jax.Array | None) -> jax.Array:
   return y if bias is None else y + bias.astype(x.dtype)
 
 
+def _adapted(module, name: str, x, y, contract: str = "...i,ir->...r"):
+  """y plus the LoRA adapter `<name>_lora` of `module` applied to x, if it has one
+  (`rlhf_jax.models.lora`)."""
+  adapter = getattr(module, f"{name}_lora", None)
+  return y if adapter is None else y + adapter(x, contract).astype(y.dtype)
+
+
 @flax.struct.dataclass
 class KVCache:
   """Fixed-size decode cache.
@@ -174,7 +181,7 @@ class Attention(nnx.Module):
     heads, hd = w.shape[1:]
     bias = getattr(self, f"{name}_bias")[...].reshape(heads * hd) if self.cfg.qkv_bias else None
     b, t, _ = x.shape
-    y = _dense(x, w.reshape(w.shape[0], heads * hd), bias)
+    y = _adapted(self, name, x, _dense(x, w.reshape(w.shape[0], heads * hd), bias))
     return constrain(y.reshape(b, t, heads, hd).transpose(0, 2, 1, 3), axes)
 
   def __call__(self, x, positions, key_mask, index, kv=None, layer=None):
@@ -211,7 +218,8 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).reshape(b, h, t, hd).astype(x.dtype)
     out = constrain(out, _HEADS)
-    y = jnp.einsum("bhtk,hkd->btd", out, self.o[...].astype(x.dtype))
+    y = _adapted(self, "o", out, jnp.einsum("bhtk,hkd->btd", out, self.o[...].astype(x.dtype)),
+                 "bhtk,hkr->btr")
     return (y + self.o_bias[...].astype(x.dtype) if cfg.out_bias else y), kv
 
 
@@ -234,7 +242,7 @@ class MLP(nnx.Module):
 
   def _dense(self, x, name):
     bias = getattr(self, f"{name}_bias")[...] if self.cfg.mlp_bias else None
-    return _dense(x, getattr(self, name)[...], bias)
+    return _adapted(self, name, x, _dense(x, getattr(self, name)[...], bias))
 
   def __call__(self, x):
     """x [..., d] -> [..., d]."""

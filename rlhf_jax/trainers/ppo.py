@@ -27,6 +27,7 @@ from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.collect import collect
 from rlhf_jax.data import PromptIterator, encode_prompts
 from rlhf_jax.metrics import MetricsWriter, Progress
+from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.rollout import rollout
 from rlhf_jax.rewards import RewardsConfig
@@ -64,6 +65,10 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
       to the run's (max_steps x ppo_epochs x num_minibatches).
     rewards: What the policy is rewarded with: the reward model, registered rule / text
       rewards, or a weighted sum (`rlhf_jax.rewards`; the pipeline builds the reward_fn from it).
+    lora: LoRA adapters on the policy and a separate critic (rank 0: full fine-tuning). Only
+      the adapters (and the critic's head) are trained and checkpointed; the reference is the
+      policy with its adapters off, so the policy's weights exist once; `frozen_param_dtype`
+      then applies to the frozen base too.
   """
   batch_size: int = 64
   max_prompt_len: int = 16
@@ -82,6 +87,7 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
   frozen_param_dtype: str | None = None
   optim: OptimConfig = OptimConfig()
   rewards: RewardsConfig = RewardsConfig()
+  lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()
 
   def __post_init__(self):
     super().__post_init__()
@@ -167,6 +173,7 @@ class PPOTrainer:
     on_mesh = functools.partial(sharding_lib.on_mesh, self.mesh)
     self._collect = on_mesh(jax.jit(functools.partial(
         collect, self.algo, ref_graphdef=self.ref_graphdef, reward_fn=reward_fn)))
+    # `frozen` is an argument, never donated: under LoRA the reference reads the same arrays.
     self._update = on_mesh(jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                                    out_shardings=(self.state_shardings, None)))
     # Replicated outputs: every process decodes all evaluation rows on the host.
@@ -208,14 +215,28 @@ class PPOTrainer:
     self.eval_ids, self.eval_mask = ev.ids, ev.mask
 
   def _place_models(self, policy, ref_policy, value_model, reward_params) -> None:
-    """The train state and the frozen reference and reward models, on the mesh."""
-    ref_policy = ref_policy if ref_policy is not None else policy
-    self.ref_graphdef, ref_params = nnx.split(ref_policy)
+    """The train state, the frozen bases under LoRA, and the frozen reference and reward
+    models, on the mesh."""
+    if self.cfg.lora.enabled:
+      key = jax.random.fold_in(jax.random.key(self.cfg.seed), -2 & 0x7FFFFFFF)
+      policy = lora_lib.add_adapters(policy, self.cfg.lora, jax.random.fold_in(key, 0))
+      if value_model is not None and self.algo.critic_impl.needs_value_model:
+        value_model = lora_lib.add_adapters(value_model, self.cfg.lora, jax.random.fold_in(key, 1))
     state = ppo_lib.init_train_state(self.algo, policy, make_optimizer(self.cfg.optimizer),
                                      jax.random.key(self.cfg.seed), value_model)
-    # A copy: the state's buffers are donated to every update, the reference's never are.
-    self.ref_params = sharding_lib.put(self._frozen(ref_params, copy=True),
-                                       sharding_lib.param_shardings(ref_params, self.mesh))
+    frozen = ppo_lib.frozen_params(self.algo, policy, value_model)
+    self.frozen = {k: None if v is None else sharding_lib.put(
+        self._frozen(v, copy=False), sharding_lib.param_shardings(v, self.mesh))
+        for k, v in frozen.items()}
+    if ref_policy is None and self.frozen["policy"] is not None:
+      # LoRA: the reference is the policy's frozen base with the adapters off, not a copy.
+      self.ref_graphdef, self.ref_params = lora_lib.base(policy)[0], None
+    else:
+      ref_policy = ref_policy if ref_policy is not None else policy
+      self.ref_graphdef, ref_params = nnx.split(ref_policy)
+      # A copy: the state's buffers are donated to every update, the reference's never are.
+      self.ref_params = sharding_lib.put(self._frozen(ref_params, copy=True),
+                                         sharding_lib.param_shardings(ref_params, self.mesh))
     if isinstance(reward_params, nnx.State):   # a reward model
       reward_params = sharding_lib.put(self._frozen(reward_params, copy=False),
                                        sharding_lib.param_shardings(reward_params, self.mesh))
@@ -240,11 +261,13 @@ class PPOTrainer:
 
   def _run_collect(self, ids, mask, key, reward_norm=None) -> tuple[Any, dict[str, jax.Array]]:
     return self._collect(self.state, ids, mask, key, ref_params=self.ref_params,
-                         reward_params=self.reward_params,
+                         reward_params=self.reward_params, frozen=self.frozen,
                          reward_norm=self.reward_norm if reward_norm is None else reward_norm)
 
-  def _eval_impl(self, policy_params, ref_params, reward_params, ids, mask, key):
+  def _eval_impl(self, params, frozen, ref_params, reward_params, ids, mask, key):
     sampling = self.algo.sampling
+    policy_params = lora_lib.join(frozen, params)["policy"]
+    ref_params = frozen["policy"] if ref_params is None else ref_params
     ro = rollout(self.state.policy_graphdef, policy_params, ids, mask, key, sampling)
     ref_ro = rollout(self.ref_graphdef, ref_params, ids, mask, key, sampling)
     scored, metrics = score(self.algo, ro, ref_graphdef=self.ref_graphdef,
@@ -312,7 +335,7 @@ class PPOTrainer:
     samples and the reward-hacking monitor's verdict and signals over this run's evaluations."""
     key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
     ro, ref_ro, raw, ref_raw, m = jax.device_get(self._eval_rollouts(
-        self.state.params["policy"], self.ref_params, self.reward_params,
+        self.state.params, self.frozen, self.ref_params, self.reward_params,
         self.eval_ids, self.eval_mask, key))
     texts = evaluation.completion_texts(self.tokenizer, ro.completion_ids, ro.completion_mask)
     gold = ref_gold = None
@@ -368,7 +391,7 @@ class PPOTrainer:
       ids, mask, epoch = self._next_batch()
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
       scored, score_metrics = self._run_collect(ids, mask, key)
-      self.state, update_metrics = self._update(self.algo, self.state, scored)
+      self.state, update_metrics = self._update(self.algo, self.state, scored, self.frozen)
       # Real tokens only: the prompts' unmasked ones and the completions' (through their EOS).
       metrics, prompt_tokens = jax.device_get(({**score_metrics, **update_metrics},
                                                jnp.sum(mask)))
@@ -406,6 +429,13 @@ class PPOTrainer:
     return step, last_eval, eval_step
 
   @property
+  def adapted_policy(self):
+    """The current policy as a CausalLM, with its LoRA adapters if it has them (on the host)."""
+    params = jax.device_get(lora_lib.join(self.frozen, self.state.params)["policy"])
+    return nnx.merge(self.state.policy_graphdef, params)
+
+  @property
   def policy(self):
-    """The current policy as a CausalLM."""
-    return nnx.merge(self.state.policy_graphdef, jax.device_get(self.state.params["policy"]))
+    """The current policy as a plain CausalLM: LoRA adapters merged into the weights."""
+    model = self.adapted_policy
+    return lora_lib.merged(model) if lora_lib.adapters(model) else model
