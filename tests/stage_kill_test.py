@@ -1,5 +1,5 @@
-"""kill -9 during SFT and during reward-model training (the stage mains, `experiments.sft` and
-`experiments.reward_model`): each rerun of the same command resumes the stage from its newest
+"""kill -9 during SFT, reward-model and DPO training (the stage mains, `experiments.sft`,
+`experiments.reward_model` and `experiments.dpo`): each rerun of the same command resumes the stage from its newest
 complete checkpoint, and the finished stages' metrics and exported models equal those of an
 uninterrupted run, byte for byte."""
 
@@ -12,17 +12,16 @@ from rlhf_jax.metrics import read_jsonl
 
 import tiny_ppo
 
-OVERRIDES = {"sft.checkpoint_every": 2, "reward.checkpoint_every": 2, "sft.log_every": 1,
-             "reward.log_every": 1}
-STAGES = ("sft", "reward")
-MAINS = {"sft": "experiments.sft", "reward": "experiments.reward_model"}
+STAGES = ("sft", "reward", "dpo")
+OVERRIDES = {f"{s}.{k}": v for s in STAGES for k, v in (("checkpoint_every", 2), ("log_every", 1))}
+MAINS = {"sft": "experiments.sft", "reward": "experiments.reward_model", "dpo": "experiments.dpo"}
 
 
 def _run(stage: str, workdir: str, cache: str, log: str, kill_at: int | None = None) -> int:
   env = tiny_ppo.env(cache)
   if kill_at is not None:
     env.update(KILL_STAGE=stage, KILL_STEP=str(kill_at))
-  policy = {"policy_path": os.path.join(workdir, "sft")} if stage == "reward" else {}
+  policy = {"policy_path": os.path.join(workdir, "sft")} if stage != "sft" else {}
   cmd = [sys.executable, os.path.join("tests", "kill_at_step.py"), MAINS[stage],
          f"--workdir={workdir}", "--config=experiments/configs/default.py:smoke",
          *(f"--config.{k}={v}" for k, v in {**OVERRIDES, **policy}.items())]
@@ -47,7 +46,7 @@ def _outputs(workdir: str) -> dict:
   return out
 
 
-def test_kill_9_in_sft_and_in_reward_training_resume_to_the_uninterrupted_result(
+def test_kill_9_in_sft_reward_and_dpo_training_resume_to_the_uninterrupted_result(
     tmp_path, tmp_path_factory):
   cache = tiny_ppo.cache_dir(tmp_path_factory)
   ref, work = str(tmp_path / "ref"), str(tmp_path / "w")
