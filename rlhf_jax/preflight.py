@@ -55,27 +55,29 @@ def check_run(config: Any, workdir: str, stages: Sequence[str]) -> None:
             _encoded_rows("sft", path, lambda: sft_lib.encode_examples(
                 tokenizer, data_lib.load_sft(path), config.sft), policy))
     _check_rows("sft", rows, config.sft)
-  if "reward" in stages:   # the reward model starts from the policy's trunk
-    _check_max_len("reward", config.reward.max_len, policy)
-    path = _data_path(config, "preferences")
-    rows = (config.task.num_pairs if path is None else
-            _encoded_rows("reward", path, lambda: reward_lib.encode_pairs(
-                tokenizer, data_lib.load_preferences(path), config.reward), policy))
-    _check_rows("reward", rows, config.reward)
-  if "dpo" in stages:
-    _check_max_len("dpo", config.dpo.max_len, policy)
-    if config.dpo.sampling.top_k > policy.cfg.vocab_size:
-      raise ValueError(f"--config.dpo.sampling.top_k={config.dpo.sampling.top_k} exceeds the "
-                       f"policy's vocabulary of {policy.cfg.vocab_size}")
-    path = _data_path(config, "preferences")
-    rows = (config.task.num_pairs if path is None else
-            _encoded_rows("dpo", path, lambda: dpo_lib.encode_pairs(
-                tokenizer, data_lib.load_preferences(path), config.dpo), policy))
-    _check_rows("dpo", rows, config.dpo)
+  # The reward model starts from the policy's trunk; DPO from the policy itself.
+  for stage, encode in (("reward", reward_lib.encode_pairs), ("dpo", dpo_lib.encode_pairs)):
+    if stage in stages:
+      _check_pair_stage(config, stage, encode, tokenizer, policy)
+  if "dpo" in stages and config.dpo.sampling.top_k > policy.cfg.vocab_size:
+    raise ValueError(f"--config.dpo.sampling.top_k={config.dpo.sampling.top_k} exceeds the "
+                     f"policy's vocabulary of {policy.cfg.vocab_size}")
   if "ppo" in stages:
     reward = _reward(config, policy, trained="reward" in stages)
     check_vocab(reward.cfg, tokenizer, f"reward model {reward.source}")
     _check_ppo(config, tokenizer, policy, reward)
+
+
+def _check_pair_stage(config: Any, stage: str, encode, tokenizer, policy: _Model) -> None:
+  """A preference stage (reward model, DPO): its lengths, and the pairs as its trainer encodes
+  them fill a batch."""
+  cfg = getattr(config, stage)
+  _check_max_len(stage, cfg.max_len, policy)
+  path = _data_path(config, "preferences")
+  rows = (config.task.num_pairs if path is None else
+          _encoded_rows(stage, path, lambda: encode(
+              tokenizer, data_lib.load_preferences(path), cfg), policy))
+  _check_rows(stage, rows, cfg)
 
 
 def _data_path(config: Any, field: str) -> str | None:
