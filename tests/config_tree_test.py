@@ -156,6 +156,7 @@ EXPLICIT = {
     "ppo.rewards.terms": "reward_model+0.5*format", "ppo.mismatch.correction": "tis",
     "ppo.kl.loss_average": "sequence",
     "ppo.lora.target_modules": r"attn\.(q|v)",
+    "ppo.lora.modules_to_save": "lm_head",
 }
 
 
@@ -227,5 +228,7 @@ def test_variants_build():
   math = from_config_dict(ExperimentConfig, default_config.get_config("grpo_math"))
   assert math.task.name == "arithmetic" and math.ppo.rewards.terms == "arithmetic"
   assert math.ppo.group_size > 1 and not math.ppo.rewards.uses_reward_model
+  lora = from_config_dict(ExperimentConfig, default_config.get_config("lora"))
+  assert lora.ppo.lora.enabled and lora.ppo.lora.modules_to_save == "lm_head"
   with pytest.raises(ValueError, match="unknown config variant 'nosuch'"):
     default_config.get_config("nosuch")

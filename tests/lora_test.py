@@ -1,6 +1,7 @@
 """LoRA: adapter math against NumPy, targeting, the frozen base, merge and PEFT export against
 `peft`, sharding on 8 devices, and LoRA PPO (learning, adapters-only updates, bitwise resume)."""
 
+import dataclasses
 import functools
 import json
 
@@ -136,10 +137,36 @@ def test_gpt2_has_no_gate_to_target():
 
 @pytest.mark.parametrize("kw,msg", [(dict(rank=-1), "rank"), (dict(rank=2, alpha=0.0), "alpha"),
                                     (dict(rank=2, target_modules="attn.(q"), "not a regex"),
-                                    (dict(rank=2, target_modules="q_proj"), "matches none")])
+                                    (dict(rank=2, target_modules="q_proj"), "matches none"),
+                                    (dict(rank=2, modules_to_save="head"), "matches none"),
+                                    (dict(rank=2, modules_to_save="lm_(head"), "not a regex"),
+                                    (dict(modules_to_save="lm_head"), "rank > 0")])
 def test_bad_lora_config_is_a_clear_error(kw, msg):
   with pytest.raises(ValueError, match=msg):
     lora.LoRAConfig(**kw)
+
+
+SAVE = lora.LoRAConfig(rank=4, alpha=8.0, modules_to_save="lm_head|embed")
+
+
+def test_modules_to_save_train_copies_and_leave_the_base_weights_to_the_reference(base):
+  fresh = lora.add_adapters(base, SAVE, jax.random.key(1))
+  np.testing.assert_array_equal(logits(fresh), logits(base))   # copies start as the originals
+  assert sorted(lora.saved(fresh)) == ["embed", "lm_head"]
+  graphdef, frozen, trainable = lora.split(fresh)
+  paths = {p for p, _ in trainable.flat_state()}
+  assert ("lm_head_saved",) in paths and ("decoder", "embed_saved") in paths
+  assert ("lm_head",) not in paths and ("decoder", "embed") not in paths
+  # Training moves only the copies (and adapters): the adapters-off view is still the base.
+  trained = nnx.merge(graphdef, frozen, _noisy(trainable, jax.random.key(3), 0.05))
+  assert np.abs(np.asarray(logits(trained) - logits(base))).max() > 1e-3
+  ref_graphdef, _ = lora.base(trained)
+  np.testing.assert_array_equal(logits(nnx.merge(ref_graphdef, lora.split(trained)[1])),
+                                logits(base))
+  np.testing.assert_allclose(logits(lora.merged(trained)), logits(trained), atol=1e-5)
+  with pytest.raises(ValueError, match="ties lm_head"):
+    lora.add_adapters(models.CausalLM(dataclasses.replace(CFG, tie_word_embeddings=True),
+                                      rngs=nnx.Rngs(0)), SAVE, jax.random.key(1))
 
 
 def _lora_models(seed=0):
@@ -180,18 +207,20 @@ def test_merged_export_equals_the_adapted_model_and_round_trips(adapted, tmp_pat
   np.testing.assert_allclose(logits(loaded), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("regex", [LORA.target_modules, r"attn\.(q|v)"])
-def test_peft_adapter_directory_loads_in_peft_with_the_same_logits(base, tmp_path, regex):
+@pytest.mark.parametrize("regex,save", [(LORA.target_modules, ""), (r"attn\.(q|v)", ""),
+                                        (r"attn\.(q|v)", "lm_head|embed")])
+def test_peft_adapter_directory_loads_in_peft_with_the_same_logits(base, tmp_path, regex, save):
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
   transformers = pytest.importorskip("transformers")
-  adapted = _trained(lora.add_adapters(base, lora.LoRAConfig(rank=4, alpha=8.0,
-                                                             target_modules=regex),
-                                       jax.random.key(1)), std=0.2)
+  adapted = _trained(lora.add_adapters(base, lora.LoRAConfig(
+      rank=4, alpha=8.0, target_modules=regex, modules_to_save=save), jax.random.key(1)), std=0.2)
   models.save_pretrained(base, str(tmp_path / "base"))
   lora.save_peft(adapted, str(tmp_path / "adapter"), base_model_name_or_path="base")
   with open(tmp_path / "adapter" / "adapter_config.json") as f:
-    assert json.load(f)["lora_alpha"] == 8.0
+    config = json.load(f)
+  assert config["lora_alpha"] == 8.0
+  assert config["modules_to_save"] == (["embed_tokens", "lm_head"] if save else None)
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"),
                                                          dtype=torch.float32)
   model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()

@@ -13,7 +13,8 @@ docs are in those dataclasses. This file sets the default run's values on that t
 Variants: "default" (offline, 2 CPU cores, a few minutes), "smoke" (seconds; for tests),
 "grpo" (default with group-relative advantages, no critic), "grpo_math" (SFT then GRPO on the
 built-in arithmetic task with an exact-match reward, no reward model), "dpo" (SFT then DPO on the
-preference pairs instead of reward model + PPO), "hacking" (default without the KL
+preference pairs instead of reward model + PPO), "lora" (default with LoRA PPO: rank-8 adapters
+and a trained copy of the output head, the reference being the adapters-off base), "hacking" (default without the KL
 penalty and with a larger learning rate: the policy games the reward model, the gold score falls
 and the reward-hacking monitor fires; the README's lesson).
 
@@ -105,11 +106,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     p.policy_loss.name = "grpo"
     p.kl.update(in_reward=False, estimator="k3", init_coef=0.01)
     p.optim.learning_rate = 3e-4
+  elif variant == "lora":
+    # Adapters on every projection plus a trained copy of the output head (PEFT's
+    # modules_to_save): adapters alone, below the frozen head, do not learn this task.
+    p.lora.update(rank=8, alpha=16.0, modules_to_save="lm_head")
+    p.optim.learning_rate = 1e-3
   elif variant == "hacking":
     p.kl.init_coef = 0.0
     p.optim.learning_rate = 5e-4
     p.eval_every = 5
   else:
     raise ValueError(f"unknown config variant {variant!r} (default, smoke, grpo, grpo_math, "
-                     "dpo, hacking)")
+                     "dpo, lora, hacking)")
   return c

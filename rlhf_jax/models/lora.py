@@ -37,6 +37,8 @@ from rlhf_jax.models.transformer import CausalLM, ScalarModel
 PROJECTIONS = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
                "attn.v": "self_attn.v_proj", "attn.o": "self_attn.o_proj",
                "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+# The whole weights `modules_to_save` can train, and the PEFT module name of each.
+SAVABLE = {"lm_head": "lm_head", "embed": "model.embed_tokens"}
 # Leading weight dimensions that are the projection's input (o: [heads, head_dim] -> embed).
 _IN_DIMS = {"attn.o": 2}
 
@@ -51,10 +53,16 @@ class LoRAConfig:
     target_modules: Regex fully matched against the projection names attn.q, attn.k, attn.v,
       attn.o, mlp.gate, mlp.up, mlp.down (e.g. "attn\\.(q|v)" for the paper's choice); each
       match gets an adapter in every layer.
+    modules_to_save: Regex fully matched against "lm_head" and "embed": each match is trained
+      in full, as a copy beside the frozen original (PEFT's `modules_to_save`), so the
+      adapters-off reference still has the base weight. "" (the default): adapters only. The
+      output head is what moves the logits most directly: below a frozen head, adapters can
+      only steer the normalised hidden state.
   """
   rank: int = 0
   alpha: float = 16.0
   target_modules: str = r"attn\.(q|k|v|o)|mlp\.(gate|up|down)"
+  modules_to_save: str = ""
 
   def __post_init__(self):
     if self.rank < 0:
@@ -68,6 +76,17 @@ class LoRAConfig:
     if self.rank and not any(pattern.fullmatch(n) for n in PROJECTIONS):
       raise ValueError(f"lora.target_modules {self.target_modules!r} matches none of "
                        f"{', '.join(PROJECTIONS)}")
+    if self.modules_to_save:
+      try:
+        pattern = re.compile(self.modules_to_save)
+      except re.error as e:
+        raise ValueError(f"lora.modules_to_save {self.modules_to_save!r} is not a regex: "
+                         f"{e}") from None
+      if not any(pattern.fullmatch(n) for n in SAVABLE):
+        raise ValueError(f"lora.modules_to_save {self.modules_to_save!r} matches none of "
+                         f"{', '.join(SAVABLE)}")
+      if not self.rank:
+        raise ValueError("lora.modules_to_save needs lora.rank > 0 (LoRA on)")
 
   @property
   def enabled(self) -> bool:
@@ -80,6 +99,11 @@ class LoRAConfig:
 
 class LoRAParam(nnx.Param):
   """A trainable adapter weight; every other Param of an adapted model is frozen."""
+
+
+class SavedParam(nnx.Param):
+  """A trained full copy of a base weight (`modules_to_save`), read in its place by the model
+  (`transformer._weight`); the base weight beside it stays frozen."""
 
 
 class Adapter(nnx.Module):
@@ -106,6 +130,15 @@ def _owners(model) -> dict[str, tuple[nnx.Module, str]]:
     owner = getattr(layers, module)
     if hasattr(owner, attr):   # GPT-2-style MLPs have no gate
       out[name] = (owner, attr)
+  return out
+
+
+def _savable_owners(model) -> dict[str, tuple[nnx.Module, str]]:
+  """`SAVABLE` name -> (module holding the weight, attribute), for the weights `model` has
+  (a tied or a scalar head has no lm_head)."""
+  out = {"embed": (model.decoder, "embed")}
+  if isinstance(model, CausalLM) and not model.cfg.tie_word_embeddings:
+    out["lm_head"] = (model, "lm_head")
   return out
 
 
@@ -140,6 +173,16 @@ def add_adapters(model, cfg: LoRAConfig, key: jax.Array):
     setattr(owner, f"{attr}_lora", Adapter(
         LoRAParam(a, axes=layers_axis + in_axes + (None,)),
         LoRAParam(b, axes=layers_axis + (None,) + out_axes), cfg.scale))
+  if cfg.modules_to_save:
+    pattern = re.compile(cfg.modules_to_save)
+    owners = _savable_owners(model)
+    if isinstance(model, CausalLM) and pattern.fullmatch("lm_head") and "lm_head" not in owners:
+      raise ValueError("lora.modules_to_save: this model ties lm_head to embed; save embed")
+    for name, (owner, attr) in owners.items():
+      if pattern.fullmatch(name):
+        w = getattr(owner, attr)
+        # A new float32 buffer: the copy is trained (and donated), the original never is.
+        setattr(owner, f"{attr}_saved", SavedParam(jnp.array(w[...], jnp.float32), axes=w.axes))
   return model
 
 
@@ -149,9 +192,16 @@ def adapters(model) -> dict[str, Adapter]:
           if hasattr(o, f"{a}_lora")}
 
 
-# What LoRA trains: the adapters, and a ScalarModel's head (a critic's value head is new and
-# tiny; PEFT's `modules_to_save=["score"]` does the same). A CausalLM has no "head" key.
-TRAINABLE = nnx.Any(LoRAParam, nnx.PathContains("head"))
+def saved(model) -> dict[str, SavedParam]:
+  """`SAVABLE` name -> its trained copy, for the weights of `model` that `modules_to_save` chose."""
+  return {n: getattr(o, f"{a}_saved") for n, (o, a) in _savable_owners(model).items()
+          if hasattr(o, f"{a}_saved")}
+
+
+# What LoRA trains: the adapters, the saved copies, and a ScalarModel's head (a critic's value
+# head is new and tiny; PEFT's `modules_to_save=["score"]` does the same). A CausalLM has no
+# "head" key.
+TRAINABLE = nnx.Any(LoRAParam, SavedParam, nnx.PathContains("head"))
 
 
 def has_adapters(params) -> bool:
@@ -193,6 +243,9 @@ def without_adapters(model):
   for owner, attr in _owners(model).values():
     if hasattr(owner, f"{attr}_lora"):
       delattr(owner, f"{attr}_lora")
+  for owner, attr in _savable_owners(model).values():
+    if hasattr(owner, f"{attr}_saved"):
+      delattr(owner, f"{attr}_saved")
   return model
 
 
@@ -215,11 +268,16 @@ def merged(model):
   """The base model with every adapter folded into its weight: W + (alpha/r) A B (new arrays;
   `model` is unchanged). `models.save_pretrained` writes it as a full checkpoint."""
   deltas = {n: delta(ad) for n, ad in adapters(model).items()}
+  copies = {n: v[...] for n, v in saved(model).items()}
   out = without_adapters(model)
   for name, (owner, attr) in _owners(out).items():
     if name in deltas:
       w = getattr(owner, attr)
       w.set_value((w[...].astype(jnp.float32) + deltas[name]).astype(w.dtype))
+  for name, (owner, attr) in _savable_owners(out).items():
+    if name in copies:
+      w = getattr(owner, attr)
+      w.set_value(copies[name].astype(w.dtype))
   return out
 
 
@@ -227,8 +285,9 @@ def save_peft(model, path: str, base_model_name_or_path: str | None = None) -> N
   """Writes a PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors.
 
   Keys follow PEFT for Llama/Qwen causal LMs (`base_model.model.model.layers.N.self_attn.q_proj.
-  lora_A.weight` [r, in], `...lora_B.weight` [out, r]); `peft.PeftModel.from_pretrained` loads
-  it onto the transformers base model. Built beside `path` and renamed into place.
+  lora_A.weight` [r, in], `...lora_B.weight` [out, r]; a saved module's whole weight as
+  `base_model.model.lm_head.weight`); `peft.PeftModel.from_pretrained` loads it onto the
+  transformers base model. Built beside `path` and renamed into place.
   """
   from safetensors.numpy import save_file
   cfg = model.cfg
@@ -248,13 +307,19 @@ def save_peft(model, path: str, base_model_name_or_path: str | None = None) -> N
       key = f"base_model.model.model.layers.{i}.{PROJECTIONS[name]}"
       tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
       tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+  copies = saved(model)
+  for name, v in copies.items():   # PEFT stores a saved module's weight under its own name
+    w = np.asarray(jax.device_get(v[...]), np.float32)
+    tensors[f"base_model.model.{SAVABLE[name]}.weight"] = np.ascontiguousarray(
+        w.T if name == "lm_head" else w)   # ours [d, V], torch's Linear [V, d]
   if len(alpha_over_r) != 1:
     raise ValueError(f"adapters of different scale/rank {sorted(alpha_over_r)} cannot be one "
                      "PEFT config")
   (scale, r), = alpha_over_r
   config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=scale * r,
                 lora_dropout=0.0, bias="none", fan_in_fan_out=False, use_rslora=False,
-                inference_mode=True, init_lora_weights=True, modules_to_save=None,
+                inference_mode=True, init_lora_weights=True,
+                modules_to_save=sorted(SAVABLE[n].split(".")[-1] for n in copies) or None,
                 target_modules=sorted(PROJECTIONS[n].split(".")[1] for n in found),
                 base_model_name_or_path=base_model_name_or_path)
   parent = os.path.dirname(os.path.abspath(path))

@@ -56,6 +56,13 @@ def _adapted(module, name: str, x, y, contract: str = "...i,ir->...r"):
   return y if adapter is None else y + adapter(x, contract).astype(y.dtype)
 
 
+def _weight(module, name: str) -> nnx.Param:
+  """The weight `name` of `module`, or the trained copy `<name>_saved` that LoRA's
+  `modules_to_save` put beside it (`rlhf_jax.models.lora`)."""
+  saved = getattr(module, f"{name}_saved", None)
+  return getattr(module, name) if saved is None else saved
+
+
 @flax.struct.dataclass
 class KVCache:
   """Fixed-size decode cache.
@@ -339,7 +346,7 @@ class Decoder(nnx.Module):
       positions = positions_from_mask(mask)
       if cache is not None:
         positions = positions + cache.pos[:, None]
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype)
+    x = jnp.take(_weight(self, "embed")[...], input_ids, axis=0).astype(cfg.compute_dtype)
     if cfg.positions == "learned":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, _EMBED)
@@ -371,9 +378,10 @@ class CausalLM(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Hidden states [..., d] -> float32 logits [..., V]."""
     if self.cfg.tie_word_embeddings:
-      out = jnp.einsum("...d,vd->...v", hidden, self.decoder.embed[...].astype(hidden.dtype))
+      embed = _weight(self.decoder, "embed")[...]
+      out = jnp.einsum("...d,vd->...v", hidden, embed.astype(hidden.dtype))
     else:
-      out = hidden @ self.lm_head[...].astype(hidden.dtype)
+      out = hidden @ _weight(self, "lm_head")[...].astype(hidden.dtype)
     rows = (None,) * (out.ndim - 2)   # [B, ..., V]
     return constrain(out, ("activation_batch", *rows, "activation_vocab")).astype(jnp.float32)
 
