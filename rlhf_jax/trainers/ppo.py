@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import checkpointing
+from rlhf_jax import dynamic_sampling as ds_lib
 from rlhf_jax import evaluation
 from rlhf_jax import faults
 from rlhf_jax import ppo as ppo_lib
@@ -69,6 +70,8 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
       the adapters (and the critic's head) are trained and checkpointed; the reference is the
       policy with its adapters off, so the policy's weights exist once; `frozen_param_dtype`
       then applies to the frozen base too.
+    dynamic_sampling: DAPO's refill of the batch with groups whose rewards differ
+      (`rlhf_jax.dynamic_sampling`; needs group_size > 1).
   """
   batch_size: int = 64
   max_prompt_len: int = 16
@@ -88,9 +91,13 @@ class PPOTrainerConfig(ppo_lib.PPOConfig):
   optim: OptimConfig = OptimConfig()
   rewards: RewardsConfig = RewardsConfig()
   lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()
+  dynamic_sampling: ds_lib.DynamicSamplingConfig = ds_lib.DynamicSamplingConfig()
 
   def __post_init__(self):
     super().__post_init__()
+    if self.dynamic_sampling.enabled and self.group_size < 2:
+      raise ValueError("dynamic_sampling compares the rewards within a group: it needs "
+                       f"group_size > 1, got {self.group_size}")
     for name in ("batch_size", "max_prompt_len", "max_steps", "num_eval_prompts",
                  "keep_checkpoints", "max_nonfinite_iterations"):
       if getattr(self, name) < 1:
@@ -174,6 +181,7 @@ class PPOTrainer:
     self._collect = on_mesh(jax.jit(functools.partial(
         collect, self.algo, ref_graphdef=self.ref_graphdef, reward_fn=reward_fn)))
     # `frozen` is an argument, never donated: under LoRA the reference reads the same arrays.
+    self._fill = on_mesh(jax.jit(self._fill_impl))
     self._update = on_mesh(jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                                    out_shardings=(self.state_shardings, None)))
     # Replicated outputs: every process decodes all evaluation rows on the host.
@@ -277,6 +285,32 @@ class PPOTrainer:
     return ro, ref_ro, scored.raw_scores, ref_raw, metrics
 
   # --- host side -------------------------------------------------------------------------------
+
+  def _sample(self, ids, mask, key) -> tuple[Any, dict[str, jax.Array]]:
+    """One collect; with dynamic sampling, more batches of prompts (up to `max_batches`) until
+    the training batch can be filled with informative groups. The metrics are the mean over
+    all batches sampled (the policy's, not the filter's), plus the filter's counts."""
+    scored, metrics = self._run_collect(ids, mask, key)
+    ds = self.cfg.dynamic_sampling
+    if not ds.enabled:
+      return scored, metrics
+    batches, sampled_metrics = [scored], [metrics]
+    keep = [ds_lib.informative_groups(scored.scores, self.cfg.group_size, ds.tolerance)]
+    while (len(batches) < ds.max_batches
+           and int(sum(jnp.sum(k) for k in keep)) < self.cfg.batch_size):
+      ids, mask, _ = self._next_batch()
+      scored, metrics = self._run_collect(ids, mask, jax.random.fold_in(key, len(batches)))
+      batches.append(scored)
+      sampled_metrics.append(metrics)
+      keep.append(ds_lib.informative_groups(scored.scores, self.cfg.group_size, ds.tolerance))
+    metrics = jax.tree.map(lambda *v: sum(v) / len(v), *sampled_metrics)
+    return self._fill(batches, keep), {**metrics, **ds_lib.fill_metrics(keep)}
+
+  def _fill_impl(self, batches, keep):
+    """`dynamic_sampling.fill_batch`, its rows split over the batch axes like a collect's."""
+    out = ds_lib.fill_batch(batches, keep, self.cfg.group_size)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+        x, sharding_lib.batch_sharding(self.mesh, x.ndim)), out)
 
   def _global_batch(self, local: np.ndarray) -> jax.Array:
     sh = sharding_lib.batch_sharding(self.mesh, local.ndim)
@@ -390,7 +424,7 @@ class PPOTrainer:
       t0 = time.time()
       ids, mask, epoch = self._next_batch()
       key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-      scored, score_metrics = self._run_collect(ids, mask, key)
+      scored, score_metrics = self._sample(ids, mask, key)
       self.state, update_metrics = self._update(self.algo, self.state, scored, self.frozen)
       # Real tokens only: the prompts' unmasked ones and the completions' (through their EOS).
       metrics, prompt_tokens = jax.device_get(({**score_metrics, **update_metrics},
