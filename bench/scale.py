@@ -71,6 +71,7 @@ class Workload:
   num_minibatches: int = 4
   ppo_epochs: int = 1
   micro_batch_size: int | None = None
+  gather_weights: bool = False   # SamplingConfig.gather_weights of collect's rollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,8 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload, 
   policy and critic are a separate argument in `frozen_cfg`'s param dtype
   (`frozen_param_dtype`), and the reference is the policy's base: no reference weights."""
   b, p, n = work.batch, work.prompt_len, work.response_len
-  sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD)
+  sampling = SamplingConfig(max_new_tokens=n, eos_token_id=EOS, pad_token_id=PAD,
+                            gather_weights=work.gather_weights)
   ppo_cfg = ppo_lib.PPOConfig(sampling=sampling, num_minibatches=work.num_minibatches,
                               ppo_epochs=work.ppo_epochs, micro_batch_size=work.micro_batch_size,
                               kl=kl_lib.KLConfig(estimator="k1", in_reward=True))
@@ -196,7 +198,7 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload, 
   policy, value = param_bytes(state.params["policy"]), param_bytes(state.params["value"])
   steps = work.ppo_epochs * work.num_minibatches
   # Each model's weights gathered once: a sampler that gathered them per decode step would move
-  # N times the policy instead (decode wants its own layout: gathered or tensor-parallel).
+  # N times the policy instead (`SamplingConfig.gather_weights` gathers them once).
   # Under LoRA the reference forward gathers the policy's base once more.
   collect_ideal = policy + value + frozen_bytes + ref_bytes + param_bytes(reward_params)
   # Trained weights: gathered for the forward and the backward, gradient reduce-scattered;
@@ -244,7 +246,7 @@ def run(args) -> list[dict]:
   shape = tuple(int(s) for s in args.mesh.split(","))
   mesh = sharding_lib.make_mesh(shape, devices=jax.devices()[:math.prod(shape)])
   work = Workload(args.batch, args.prompt_len, args.response_len, args.num_minibatches,
-                  args.ppo_epochs, args.micro_batch_size)
+                  args.ppo_epochs, args.micro_batch_size, args.gather_weights)
   cfg = model_config(args.model, args.layers, args.dtype, remat=args.remat)
   frozen = cfg.replace(param_dtype=args.frozen_dtype, dtype=args.dtype)
   wanted = args.programs.split(",")
@@ -315,6 +317,8 @@ def parse_args(argv=None):
   ap.add_argument("--ppo_epochs", type=int, default=1)
   ap.add_argument("--micro_batch_size", type=int, default=None,
                   help="PPO gradient accumulation: rows per microbatch (global)")
+  ap.add_argument("--gather_weights", action="store_true",
+                  help="collect: the sampler gathers the policy over fsdp once per rollout")
   ap.add_argument("--remat", default="none", help="DecoderConfig.remat of the trained models")
   ap.add_argument("--dtype", default="bfloat16", help="compute dtype of every model")
   ap.add_argument("--frozen_dtype", default="bfloat16",

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.models import KVCache, init_cache
 
 
@@ -35,6 +36,11 @@ class SamplingConfig:
       None: the tokenizer's.
     ignore_eos: Never stop at EOS: every completion has exactly max_new_tokens tokens (fixed
       work, as benchmarks want; vLLM's `ignore_eos`).
+    gather_weights: All-gather the policy's weights over the fsdp mesh axis once per rollout,
+      before the prefill (`sharding.gather_fsdp`), so that no decode step gathers them again:
+      an fsdp-sharded sampler otherwise moves every weight at each of the N steps. Costs the
+      weights / tensor-axis size per device: with a tensor axis, the decode is then
+      tensor-parallel over it and data-parallel over the rest; on fsdp alone, the whole model.
   """
   max_new_tokens: int = 16
   temperature: float = 1.0
@@ -44,6 +50,7 @@ class SamplingConfig:
   eos_token_id: int | None = None
   pad_token_id: int | None = None
   ignore_eos: bool = False
+  gather_weights: bool = False
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -230,6 +237,8 @@ def rollout(graphdef: nnx.GraphDef, params: nnx.State, prompt_ids: jax.Array,
   chex.assert_rank([prompt_ids, prompt_mask], 2)
   chex.assert_equal_shape([prompt_ids, prompt_mask])
   cfg.check_special_tokens()
+  if cfg.gather_weights:
+    params = sharding_lib.gather_fsdp(params)
   model = nnx.merge(graphdef, params)
   b, p = prompt_ids.shape
   n = cfg.max_new_tokens

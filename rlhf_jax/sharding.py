@@ -126,6 +126,26 @@ def param_shardings(model_or_state, mesh: Mesh, rules=DEFAULT_RULES):
       state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def without_fsdp(rules=DEFAULT_RULES):
+  """`rules` with fsdp taken off every parameter's axes (activations and the batch unchanged):
+  the layout of weights gathered for decoding, split over the tensor axis only."""
+  return tuple((name, axes if name == "batch" or name.startswith("activation_")
+                else tuple(a for a in axes if a != "fsdp")) for name, axes in rules)
+
+
+def gather_fsdp(params: nnx.State, rules=DEFAULT_RULES) -> nnx.State:
+  """Every Variable of `params` pinned to its `without_fsdp(rules)` sharding on the current mesh
+  (in a jitted function: one all-gather over fsdp per weight, there); unchanged without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return params
+  gathered = without_fsdp(rules)
+  return jax.tree.map(
+      lambda v: v.replace(jax.lax.with_sharding_constraint(
+          v.get_value(), logical_to_spec(getattr(v, "axes", None), v.shape, mesh, gathered))),
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
   """Rows split over the batch axes, everything else replicated."""
   batch_axes = tuple(a for a in dict(rules)["batch"] if mesh.shape.get(a, 1) > 1)

@@ -1,5 +1,6 @@
 """Tests for rlhf_jax.rollout against a cache-free greedy loop and NumPy sampling references."""
 
+import dataclasses
 import functools
 import importlib
 
@@ -304,3 +305,24 @@ def test_batch_sharded_over_8_devices_matches_single_device(greedy):
   np.testing.assert_allclose(pinned.logprobs, single.logprobs, atol=1e-5)
   if not greedy:
     assert not np.array_equal(single.completion_ids, greedy_tokens)
+
+
+
+def test_gathered_weights_give_the_same_rollout():
+  """`gather_weights` (the weights all-gathered over fsdp once, before the prefill) changes the
+  layout, not the numbers. (That no decode step gathers: tests/scale_test.py.)"""
+  graphdef, params, cfg, _ = _greedy_case("llama")
+  cfg = R.SamplingConfig(max_new_tokens=N, eos_token_id=cfg.eos_token_id, pad_token_id=PAD,
+                         temperature=TEMPERATURE)
+  mesh = sharding.make_mesh((1, 4, 2))
+  ids, mask = jax.device_put(tuple(map(jnp.asarray, _prompts(P))), sharding.batch_sharding(mesh, 2))
+  params = jax.device_put(params, sharding.param_shardings(params, mesh))
+  key = jax.device_put(jax.random.key(5), sharding.replicated(mesh))
+  out = {}
+  for gather in (False, True):
+    run = jax.jit(functools.partial(R.rollout, graphdef,
+                                    cfg=dataclasses.replace(cfg, gather_weights=gather)))
+    with jax.set_mesh(mesh):
+      out[gather] = run(params, ids, mask, key)
+  np.testing.assert_array_equal(out[True].completion_ids, out[False].completion_ids)
+  np.testing.assert_allclose(out[True].logprobs, out[False].logprobs, atol=1e-5)

@@ -169,3 +169,26 @@ def test_no_collective_carries_global_batch_activations(scale, name):
 def test_temporaries_fall_with_devices(scale, name):
   temp = {n: _measure(scale, n, name)[1]["memory"]["temp"] for n in (1, 8)}
   assert temp[8] <= 2.0 * temp[1] / 8, temp
+
+
+def test_gathered_sampler_weights_leave_the_decode_loop_without_gathers(scale):
+  """`SamplingConfig.gather_weights`: collect gathers each weight once, before the decode loop,
+  instead of at each of its N - 1 steps."""
+  cfg = scale.model_config("llama3-8b", **NARROW)
+  mesh = sharding.make_mesh((1, 4, 2), devices=jax.devices()[:8])
+  res = {}
+  for gather in (False, True):
+    work = scale.Workload(**WORK, gather_weights=gather)
+    prog = scale.ppo_programs(cfg, cfg.replace(param_dtype="bfloat16"), work, mesh)["collect"]
+    with jax.set_mesh(mesh):
+      res[gather] = scale.measure(prog.fn, *prog.args, num_devices=8, batch_sizes=prog.rows,
+                                  unknown_trip_count=prog.loop_bound)["collectives"]
+  once, per_step = res[True], res[False]
+  # Gathers over the fsdp group (4) at every decode step; what stays in the loop are the
+  # tensor-parallel decode's own small collectives over the tensor pairs.
+  in_loop = lambda r: [o for o in r["ops"] if o["kind"] == "all-gather" and o["group"] == 4
+                       and o["times"] >= prog.loop_bound]
+  assert in_loop(per_step) and not in_loop(once)
+  gathered = lambda r: r["scaled"]["all-gather"]["wire_bytes"]
+  # (At this size the scoring forwards' per-layer gathers are a good part of what is left.)
+  assert 2 * gathered(once) < gathered(per_step), (gathered(once), gathered(per_step))
