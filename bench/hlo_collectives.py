@@ -8,6 +8,7 @@ once per iteration: each op is scaled by the product of the known trip counts
 caller's bound. Traffic is estimated per device with ring algorithms.
 """
 
+import json
 import math
 import re
 import time
@@ -146,3 +147,37 @@ def measure(jitted, *args, num_devices: int, **collective_kw) -> dict:
               per_device_bytes=parts["argument"] + parts["output"] + parts["temp"]
               - parts["alias"], flops=cost.get("flops"),
               collectives=parse_collectives(compiled.as_text(), num_devices, **collective_kw))
+
+
+def report(res: dict) -> None:
+  """Prints a `measure` result (with the caller's program, model and mesh keys) as a table, and
+  as one JSON line last: what bench/README.md's tables are built from."""
+  gib = lambda x: f"{x / 2 ** 30:8.2f}"
+  mem, col = res["memory"], res["collectives"]
+  print(f"\n== {res['program']}  {res['model']} layers={res['layers']} mesh={res['mesh']}  "
+        f"lora_rank={res.get('lora_rank', 0)}  "
+        f"lower {res['lower_s']} s  compile {res['compile_s']} s  flops/device "
+        f"{res['flops'] or 0:.3e}")
+  print("per device GiB: argument" + gib(mem["argument"]) + "  output" + gib(mem["output"])
+        + "  temp" + gib(mem["temp"]) + "  alias" + gib(mem["alias"]) + "  total"
+        + gib(res["per_device_bytes"]))
+  print(f"{'collective':20s}{'ops(text)':>10s}{'GiB(text)':>11s}{'ops(run)':>10s}"
+        f"{'wire GiB(run)':>14s}")
+  for k in KINDS:
+    t, s = col["per_text"][k], col["scaled"][k]
+    print(f"{k:20s}{t['count']:10d}{gib(t['operand_bytes']):>11s}{s['count']:10d}"
+          f"{gib(s['wire_bytes']):>14s}")
+  wire = sum(s["wire_bytes"] for s in col["scaled"].values())
+  print(f"wire GiB per device (run): {wire / 2 ** 30:.2f}  ideal FSDP: "
+        f"{res['ideal_fsdp_wire_bytes'] / 2 ** 30:.2f}  loops without trip count: "
+        f"{col['unknown_trip_loops']}")
+  flagged = sorted((o for o in col["ops"] if o["global_batch"]), key=lambda o: -o["operand_bytes"])
+  print(f"global-batch all-reduce/all-gather: {len(flagged)} ops, "
+        f"{sum(o['operand_bytes'] * o['times'] for o in flagged) / 2 ** 30:.2f} GiB operands (run)")
+  for o in flagged[:5]:
+    print(f"  {o['kind']} x{o['times']}: {o['operand']} -> {o['result']}")
+  summary = dict(res, collectives={
+      "per_text": col["per_text"], "scaled": col["scaled"], "wire_bytes": wire,
+      "unknown_trip_loops": col["unknown_trip_loops"], "global_batch_ops": len(flagged),
+      "global_batch_operand_bytes": sum(o["operand_bytes"] * o["times"] for o in flagged)})
+  print("JSON " + json.dumps(summary))

@@ -16,7 +16,6 @@ Figures and commands: bench/README.md, "Pod scale (simulated)".
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -49,7 +48,8 @@ from rlhf_jax.trainers import sft as sft_lib  # noqa: E402
 from rlhf_jax.trainers.supervised import make_train_step  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hlo_collectives import KINDS, measure  # noqa: E402
+from abstract import abstract_model, param_bytes, rows_sharded, sharded  # noqa: E402
+from hlo_collectives import measure, report  # noqa: E402
 
 PRESETS = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, num_heads=32, num_kv_heads=8,
@@ -107,27 +107,6 @@ def model_config(preset: str, layers: int | None = None, dtype: str = "bfloat16"
                        param_dtype=param_dtype, **kw)
 
 
-def _sharded(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
-def _rows(tree, mesh):
-  """Abstract arrays with their rows over the batch axes (scalars replicated)."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=(
-      sharding_lib.batch_sharding(mesh, x.ndim) if x.ndim else sharding_lib.replicated(mesh))),
-      tree)
-
-
-def _frozen(cls, cfg: DecoderConfig, mesh, seed: int):
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed))))
-  return graphdef, _sharded(state, sharding_lib.param_shardings(state, mesh))
-
-
-def param_bytes(state) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-
-
 def make_collect(ppo_cfg, ref_graphdef, reward_fn):
   """The trainer's collect program (`rlhf_jax.collect.collect`), its arguments positional."""
   def program(state, ref_params, reward_params, reward_norm, ids, mask, key, frozen=None):
@@ -173,26 +152,26 @@ def ppo_programs(cfg: DecoderConfig, frozen_cfg: DecoderConfig, work: Workload, 
 
   state, frozen = jax.eval_shape(init)
   state_sh = ppo_lib.train_state_shardings(state, mesh)
-  state = _sharded(state, state_sh)
+  state = sharded(state, state_sh)
   frozen_bytes = 0
   if lora_cfg.enabled:
-    frozen = {k: _sharded(v, sharding_lib.param_shardings(v, mesh)) for k, v in frozen.items()}
+    frozen = {k: sharded(v, sharding_lib.param_shardings(v, mesh)) for k, v in frozen.items()}
     frozen_bytes = param_bytes(frozen)
     ref_graphdef = lora.base(nnx.eval_shape(models)[0])[0]
     ref_params, ref_bytes = None, param_bytes(frozen["policy"])
   else:
     frozen = None
-    ref_graphdef, ref_params = _frozen(CausalLM, frozen_cfg, mesh, 2)
+    ref_graphdef, ref_params = abstract_model(CausalLM, frozen_cfg, mesh, 2)
     ref_bytes = param_bytes(ref_params)
-  reward_graphdef, reward_params = _frozen(ScalarModel, frozen_cfg, mesh, 3)
+  reward_graphdef, reward_params = abstract_model(ScalarModel, frozen_cfg, mesh, 3)
   collect_program = jax.jit(make_collect(ppo_cfg, ref_graphdef, reward_model_fn(reward_graphdef)))
   rep = sharding_lib.replicated(mesh)
-  ids = _rows(jax.ShapeDtypeStruct((b, p), jnp.int32), mesh)
+  ids = rows_sharded(jax.ShapeDtypeStruct((b, p), jnp.int32), mesh)
   norm = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                       jax.eval_shape(RewardNorm.identity))
   collect_args = (state, ref_params, reward_params, norm, ids, ids,
                   jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep), frozen)
-  scored = _rows(jax.eval_shape(collect_program, *collect_args)[0], mesh)
+  scored = rows_sharded(jax.eval_shape(collect_program, *collect_args)[0], mesh)
   update = jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                    out_shardings=(state_sh, None))
   policy, value = param_bytes(state.params["policy"]), param_bytes(state.params["value"])
@@ -218,7 +197,7 @@ def supervised_programs(cfg: DecoderConfig, work: Workload, mesh) -> dict[str, P
   tx = make_optimizer(OptimConfig())
   rep = sharding_lib.replicated(mesh)
   length = work.prompt_len + work.response_len
-  rows = _rows(jax.ShapeDtypeStruct((work.batch, length), jnp.int32), mesh)
+  rows = rows_sharded(jax.ShapeDtypeStruct((work.batch, length), jnp.int32), mesh)
   out = {}
   for name, cls, loss, keys, sizes in (
       ("sft_step", CausalLM, sft_lib.sft_batch_loss, ("ids", "attention_mask", "completion_mask"),
@@ -234,7 +213,7 @@ def supervised_programs(cfg: DecoderConfig, work: Workload, mesh) -> dict[str, P
         is_leaf=lambda x: isinstance(x, nnx.Variable))
     step = jax.jit(make_train_step(loss, graphdef, tx), donate_argnums=(0, 1),
                    out_shardings=(param_sh, opt_sh, rep))
-    args = (_sharded(params, param_sh), _sharded(opt, opt_sh), {k: rows for k in keys})
+    args = (sharded(params, param_sh), sharded(opt, opt_sh), {k: rows for k in keys})
     out[name] = Program(step, args, 3 * param_bytes(params) * _fsdp_share(mesh), sizes)
   return out
 
@@ -270,38 +249,6 @@ def run(args) -> list[dict]:
     report(res)
     results.append(res)
   return results
-
-
-def report(res: dict) -> None:
-  gib = lambda x: f"{x / 2 ** 30:8.2f}"
-  mem, col = res["memory"], res["collectives"]
-  print(f"\n== {res['program']}  {res['model']} layers={res['layers']} mesh={res['mesh']}  "
-        f"lora_rank={res.get('lora_rank', 0)}  "
-        f"lower {res['lower_s']} s  compile {res['compile_s']} s  flops/device "
-        f"{res['flops'] or 0:.3e}")
-  print("per device GiB: argument" + gib(mem["argument"]) + "  output" + gib(mem["output"])
-        + "  temp" + gib(mem["temp"]) + "  alias" + gib(mem["alias"]) + "  total"
-        + gib(res["per_device_bytes"]))
-  print(f"{'collective':20s}{'ops(text)':>10s}{'GiB(text)':>11s}{'ops(run)':>10s}"
-        f"{'wire GiB(run)':>14s}")
-  for k in KINDS:
-    t, s = col["per_text"][k], col["scaled"][k]
-    print(f"{k:20s}{t['count']:10d}{gib(t['operand_bytes']):>11s}{s['count']:10d}"
-          f"{gib(s['wire_bytes']):>14s}")
-  wire = sum(s["wire_bytes"] for s in col["scaled"].values())
-  print(f"wire GiB per device (run): {wire / 2 ** 30:.2f}  ideal FSDP: "
-        f"{res['ideal_fsdp_wire_bytes'] / 2 ** 30:.2f}  loops without trip count: "
-        f"{col['unknown_trip_loops']}")
-  flagged = sorted((o for o in col["ops"] if o["global_batch"]), key=lambda o: -o["operand_bytes"])
-  print(f"global-batch all-reduce/all-gather: {len(flagged)} ops, "
-        f"{sum(o['operand_bytes'] * o['times'] for o in flagged) / 2 ** 30:.2f} GiB operands (run)")
-  for o in flagged[:5]:
-    print(f"  {o['kind']} x{o['times']}: {o['operand']} -> {o['result']}")
-  summary = dict(res, collectives={
-      "per_text": col["per_text"], "scaled": col["scaled"], "wire_bytes": wire,
-      "unknown_trip_loops": col["unknown_trip_loops"], "global_batch_ops": len(flagged),
-      "global_batch_operand_bytes": sum(o["operand_bytes"] * o["times"] for o in flagged)})
-  print("JSON " + json.dumps(summary))
 
 
 def parse_args(argv=None):
