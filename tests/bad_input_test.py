@@ -394,8 +394,8 @@ def test_ppo_without_eval_prompts_evaluates_on_training_prompts(tmp_path):
       models.CausalLM(cfg, rngs=nnx.Rngs(0)), tok, prompts, [], reward_fn=tiny_ppo.target_share,
       reward_params=None, value_model=models.ScalarModel(cfg, rngs=nnx.Rngs(1)))
   want = data.encode_prompts(tok, prompts[:8], 4)
-  np.testing.assert_array_equal(trainer.eval_ids, want.ids)
-  np.testing.assert_array_equal(trainer.eval_mask, want.mask)
+  np.testing.assert_array_equal(trainer.evaluator.ids, want.ids)
+  np.testing.assert_array_equal(trainer.evaluator.mask, want.mask)
 
 
 def test_stage_mains_check_before_they_work(inputs, tmp_path, tmp_path_factory):

@@ -20,7 +20,6 @@ from absl import logging
 from flax import nnx
 
 from rlhf_jax import checkpointing
-from rlhf_jax import evaluation
 from rlhf_jax import faults
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax import sharding as sharding_lib
@@ -29,9 +28,9 @@ from rlhf_jax.data import PromptIterator, encode_prompts
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.models import lora as lora_lib
 from rlhf_jax.optim import OptimConfig, make_optimizer
-from rlhf_jax.rollout import rollout
 from rlhf_jax.rewards import RewardsConfig
-from rlhf_jax.score import RewardFn, RewardNorm, reward_terms, score
+from rlhf_jax.score import RewardFn, RewardNorm
+from rlhf_jax.trainers.ppo_eval import PPOEvaluator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,27 +159,29 @@ class PPOTrainer:
                checkpoint_dir: str | None = None):
     self.cfg = cfg
     self.tokenizer = tokenizer
-    self.gold_fn = gold_fn
     self.writer = writer
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh()
     self.algo = dataclasses.replace(cfg.algorithm, sampling=cfg.sampling.with_special_tokens(
         tokenizer.eos_token_id, tokenizer.pad_token_id))
     self.algo.sampling.check_special_tokens()
     self._check_model(policy)
-    self._encode_prompts(train_prompts, eval_prompts)
+    self._encode_prompts(train_prompts)
     self._place_models(policy, ref_policy, value_model, reward_params)
-    self.reward_fn = reward_fn
+    if not eval_prompts:   # evaluation still runs (final metrics, threshold, monitor)
+      logging.warning("no evaluation prompts: evaluating on the first %d training prompts, so "
+                      "the eval metrics are not held out", cfg.num_eval_prompts)
+      eval_prompts = train_prompts
+    self.evaluator = PPOEvaluator(
+        cfg, self.algo, tokenizer, eval_prompts, policy_graphdef=self.state.policy_graphdef,
+        ref_graphdef=self.ref_graphdef, reward_fn=reward_fn, mesh=self.mesh, gold_fn=gold_fn,
+        writer=writer)
     on_mesh = functools.partial(sharding_lib.on_mesh, self.mesh)
     self._collect = on_mesh(jax.jit(functools.partial(
         collect, self.algo, ref_graphdef=self.ref_graphdef, reward_fn=reward_fn)))
     # `frozen` is an argument, never donated: under LoRA the reference reads the same arrays.
     self._update = on_mesh(jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                                    out_shardings=(self.state_shardings, None)))
-    # Replicated outputs: every process decodes all evaluation rows on the host.
-    self._eval_rollouts = on_mesh(jax.jit(self._eval_impl,
-                                          out_shardings=sharding_lib.replicated(self.mesh)))
     self.history: list[dict[str, Any]] = []
-    self.eval_history: list[dict[str, Any]] = []
     self.checkpointer = None
     self._resumed: dict[str, Any] = {}
     if checkpoint_dir is not None:
@@ -199,7 +200,7 @@ class PPOTrainer:
                        f"{cfg.sampling.max_new_tokens} exceeds the policy's "
                        f"max_position_embeddings = {policy.cfg.max_position_embeddings}")
 
-  def _encode_prompts(self, train_prompts: list[str], eval_prompts: list[str]) -> None:
+  def _encode_prompts(self, train_prompts: list[str]) -> None:
     cfg = self.cfg
     enc = encode_prompts(self.tokenizer, train_prompts, cfg.max_prompt_len)
     if enc.num_truncated:
@@ -207,12 +208,6 @@ class PPOTrainer:
                       "left-truncated", enc.num_truncated, len(train_prompts), cfg.max_prompt_len)
     self.prompts = PromptIterator(enc.ids, enc.mask, cfg.batch_size, cfg.seed,
                                   jax.process_index(), jax.process_count())
-    if not eval_prompts:   # evaluation still runs (final metrics, threshold, monitor)
-      logging.warning("no evaluation prompts: evaluating on the first %d training prompts, so "
-                      "the eval metrics are not held out", cfg.num_eval_prompts)
-      eval_prompts = train_prompts
-    ev = encode_prompts(self.tokenizer, eval_prompts[:cfg.num_eval_prompts], cfg.max_prompt_len)
-    self.eval_ids, self.eval_mask = ev.ids, ev.mask
 
   def _place_models(self, policy, ref_policy, value_model, reward_params) -> None:
     """The train state, the frozen bases under LoRA, and the frozen reference and reward
@@ -264,18 +259,6 @@ class PPOTrainer:
                          reward_params=self.reward_params, frozen=self.frozen,
                          reward_norm=self.reward_norm if reward_norm is None else reward_norm)
 
-  def _eval_impl(self, params, frozen, ref_params, reward_params, ids, mask, key):
-    sampling = self.algo.sampling
-    policy_params = lora_lib.join(frozen, params)["policy"]
-    ref_params = frozen["policy"] if ref_params is None else ref_params
-    ro = rollout(self.state.policy_graphdef, policy_params, ids, mask, key, sampling)
-    ref_ro = rollout(self.ref_graphdef, ref_params, ids, mask, key, sampling)
-    scored, metrics = score(self.algo, ro, ref_graphdef=self.ref_graphdef,
-                            ref_params=ref_params, reward_fn=self.reward_fn,
-                            reward_params=reward_params, kl_coef=jnp.zeros(()))
-    ref_raw, _ = reward_terms(self.reward_fn, reward_params, ref_ro)
-    return ro, ref_ro, scored.raw_scores, ref_raw, metrics
-
   # --- host side -------------------------------------------------------------------------------
 
   def _global_batch(self, local: np.ndarray) -> jax.Array:
@@ -312,7 +295,7 @@ class PPOTrainer:
       norm = self._resumed["reward_norm"]
       self.reward_norm = self._replicated(
           RewardNorm(gain=np.float32(norm["gain"]), bias=np.float32(norm["bias"])))
-      self.eval_history = self._resumed["eval_history"]
+      self.evaluator.history = self._resumed["eval_history"]
       logging.info("resuming PPO from step %d", int(self.state.step))
     if self.writer is not None:
       self.writer.truncate(self._resumed.get("num_records", 0))
@@ -325,39 +308,15 @@ class PPOTrainer:
         "reward_norm": {"gain": float(self.reward_norm.gain), "bias": float(self.reward_norm.bias)},
         "num_records": self.writer.num_records if self.writer is not None else 0,
         "eval_history": [{k: v for k, v in e.items() if k != "samples"}
-                         for e in self.eval_history],
+                         for e in self.evaluator.history],
         **host_state,
     }
     self.checkpointer.save(step, self.state, meta, force=force)
 
   def evaluate(self, step: int) -> dict[str, Any]:
-    """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score,
-    samples and the reward-hacking monitor's verdict and signals over this run's evaluations."""
-    key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
-    ro, ref_ro, raw, ref_raw, m = jax.device_get(self._eval_rollouts(
-        self.state.params, self.frozen, self.ref_params, self.reward_params,
-        self.eval_ids, self.eval_mask, key))
-    texts = evaluation.completion_texts(self.tokenizer, ro.completion_ids, ro.completion_mask)
-    gold = ref_gold = None
-    if self.gold_fn is not None:
-      gold = evaluation.gold_scores(self.gold_fn, texts)
-      ref_gold = evaluation.gold_scores(self.gold_fn, evaluation.completion_texts(
-          self.tokenizer, ref_ro.completion_ids, ref_ro.completion_mask))
-    out: dict[str, Any] = evaluation.eval_metrics(
-        raw, ref_raw, m, evaluation.valid_rows(ro.completion_ids, ro.completion_mask),
-        evaluation.valid_rows(ref_ro.completion_ids, ref_ro.completion_mask), gold, ref_gold)
-    prompts = self.tokenizer.batch_decode(evaluation.valid_rows(ro.prompt_ids, ro.prompt_mask))
-    out["samples"] = evaluation.sample_rows(prompts, texts, raw, self.cfg.num_samples_logged)
-    self.eval_history.append(out)
-    verdict = evaluation.reward_hacking(self.eval_history)
-    out.update(verdict.signals, reward_hacking=int(verdict.flag))
-    if verdict.flag:
-      logging.warning("possible reward hacking at step %d: %s", step, verdict.reason)
-    else:
-      logging.info("reward-hacking monitor at step %d: quiet; %s", step, verdict.reason)
-    if self.writer is not None:
-      self.writer.write_text(step, "eval_samples", evaluation.samples_table(out["samples"]))
-    return out
+    """The current policy's evaluation record at `step` (`PPOEvaluator`)."""
+    return self.evaluator(step, self.state.params, self.frozen, self.ref_params,
+                          self.reward_params)
 
   def train(self) -> dict[str, Any]:
     """Runs until max_steps or the reward threshold; returns the last evaluation."""
