@@ -1,14 +1,17 @@
-"""What every experiment main shares: the default config path, JAX setup, and one clear error."""
+"""What every experiment main shares: the default config path, JAX setup, the run's config checked
+before anything trains, and one clear error."""
 
+import json
 import os
 import re
 import sys
 
 import jax
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
-from rlhf_jax import faults
+from rlhf_jax import faults, pipeline, plugins, preflight
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
@@ -153,3 +156,29 @@ def define_flags():
   workdir = flags.DEFINE_string("workdir", None, "Output directory (data, checkpoints, metrics).",
                                 required=True)
   return config, workdir
+
+
+def stage_config(config: ml_collections.ConfigDict, workdir: str, stage: str | None,
+                 policy_for: str = "") -> pipeline.ExperimentConfig:
+  """The run's `ExperimentConfig` from --config, after `setup`, with the plugins it names
+  imported first (`plugins.build_config`).
+
+  Args:
+    config, workdir: The values of the --config and --workdir flags.
+    stage: The stage this main runs alone: its inputs are checked here, before anything trains
+      or writes (`preflight.check_run`); None for `pipeline.run_all`, which checks its stages.
+    policy_for: What the stage needs --config.policy_path for; non-empty: an unset
+      policy_path raises a ValueError that says so.
+  """
+  setup()
+  cfg = plugins.build_config(pipeline.ExperimentConfig, config)
+  if policy_for and not cfg.policy_path:
+    raise ValueError(f"set --config.policy_path {policy_for}")
+  if stage is not None:
+    preflight.check_run(cfg, workdir, (stage,))
+  return cfg
+
+
+def print_record(record: dict) -> None:
+  """A stage's final record on stdout as one JSON line, without its sample rows."""
+  print(json.dumps({k: v for k, v in record.items() if k != "samples"}, sort_keys=True))

@@ -7,25 +7,18 @@ r"""The DPO stage alone: offline preference optimisation of an SFT policy; write
 SFT -> DPO in one command: `python -m experiments.rlhf --config=experiments/configs/default.py:dpo`.
 """
 
-import json
-
 from experiments import common
-from rlhf_jax import pipeline, plugins, preflight
+from rlhf_jax import pipeline
 
 _CONFIG, _WORKDIR = common.define_flags()
 
 
 def main(argv):
   del argv
-  common.setup()
-  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
-  if not config.policy_path:
-    raise ValueError("set --config.policy_path to the SFT checkpoint DPO starts from (and "
-                     "takes as its reference)")
-  preflight.check_run(config, _WORKDIR.value, ("dpo",))
-  paths = pipeline.Paths(_WORKDIR.value)
-  final = pipeline.run_dpo(config, paths, config.policy_path)
-  print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
+  config = common.stage_config(
+      _CONFIG.value, _WORKDIR.value, "dpo",
+      "to the SFT checkpoint DPO starts from (and takes as its reference)")
+  common.print_record(pipeline.run_dpo(config, pipeline.Paths(_WORKDIR.value), config.policy_path))
 
 
 if __name__ == "__main__":

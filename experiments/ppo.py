@@ -6,25 +6,19 @@ r"""Stage 3 alone: PPO from an SFT policy against a reward model; writes <workdi
       --config.policy_path=SFT_CKPT --config.reward_path=RM_CKPT --config.ppo.max_steps=20000
 """
 
-import json
-
 from experiments import common
-from rlhf_jax import pipeline, plugins, preflight
+from rlhf_jax import pipeline
 
 _CONFIG, _WORKDIR = common.define_flags()
 
 
 def main(argv):
   del argv
-  common.setup()
-  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
-  if not config.policy_path:
-    raise ValueError("set --config.policy_path (a Hugging Face checkpoint; and --config."
-                     "reward_path when the rewards or the critic need a reward model)")
-  preflight.check_run(config, _WORKDIR.value, ("ppo",))
-  paths = pipeline.Paths(_WORKDIR.value)
-  final = pipeline.run_ppo(config, paths, config.policy_path, config.reward_path)
-  print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
+  config = common.stage_config(
+      _CONFIG.value, _WORKDIR.value, "ppo", "(a Hugging Face checkpoint; and --config.reward_path "
+      "when the rewards or the critic need a reward model)")
+  common.print_record(pipeline.run_ppo(config, pipeline.Paths(_WORKDIR.value), config.policy_path,
+                                       config.reward_path))
 
 
 if __name__ == "__main__":

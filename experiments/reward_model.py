@@ -6,20 +6,16 @@ r"""Stage 2 alone: Bradley-Terry reward model; writes <workdir>/reward.
 """
 
 from experiments import common
-from rlhf_jax import pipeline, plugins, preflight
+from rlhf_jax import pipeline
 
 _CONFIG, _WORKDIR = common.define_flags()
 
 
 def main(argv):
   del argv
-  common.setup()
-  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
-  if not config.policy_path:
-    raise ValueError("set --config.policy_path to the SFT checkpoint the reward model starts from")
-  preflight.check_run(config, _WORKDIR.value, ("reward",))
-  paths = pipeline.Paths(_WORKDIR.value)
-  print(pipeline.run_reward(config, paths, config.policy_path))
+  config = common.stage_config(_CONFIG.value, _WORKDIR.value, "reward",
+                               "to the SFT checkpoint the reward model starts from")
+  print(pipeline.run_reward(config, pipeline.Paths(_WORKDIR.value), config.policy_path))
 
 
 if __name__ == "__main__":

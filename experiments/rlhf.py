@@ -7,20 +7,16 @@ r"""SFT -> reward model -> PPO (or SFT -> DPO, `method="dpo"`) in one command.
       --config.reward_path=RM_CKPT --config.prompts=prompts.jsonl --config.task.name=''
 """
 
-import json
-
 from experiments import common
-from rlhf_jax import pipeline, plugins
+from rlhf_jax import pipeline
 
 _CONFIG, _WORKDIR = common.define_flags()
 
 
 def main(argv):
   del argv
-  common.setup()
-  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
-  final = pipeline.run_all(config, _WORKDIR.value)
-  print(json.dumps({k: v for k, v in final.items() if k != "samples"}, sort_keys=True))
+  config = common.stage_config(_CONFIG.value, _WORKDIR.value, None)
+  common.print_record(pipeline.run_all(config, _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -6,18 +6,15 @@ r"""Stage 1 alone: supervised fine-tuning; writes <workdir>/sft (a Hugging Face 
 """
 
 from experiments import common
-from rlhf_jax import pipeline, plugins, preflight
+from rlhf_jax import pipeline
 
 _CONFIG, _WORKDIR = common.define_flags()
 
 
 def main(argv):
   del argv
-  common.setup()
-  config = plugins.build_config(pipeline.ExperimentConfig, _CONFIG.value)
-  preflight.check_run(config, _WORKDIR.value, ("sft",))
-  paths = pipeline.Paths(_WORKDIR.value)
-  print(pipeline.run_sft(config, paths))
+  config = common.stage_config(_CONFIG.value, _WORKDIR.value, "sft")
+  print(pipeline.run_sft(config, pipeline.Paths(_WORKDIR.value)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ normalisation and the EOS penalty: what the estimators see.
 """
 
 import dataclasses
+from typing import Any, Callable
 
 import chex
 import jax
@@ -71,3 +72,22 @@ def fill_metrics(keep: list[jax.Array]) -> dict[str, jax.Array]:
   return {"dynamic_sampling/batches": jnp.asarray(len(keep), jnp.float32),
           "dynamic_sampling/dropped_groups": (len(keep) * num_groups - kept).astype(jnp.float32),
           "dynamic_sampling/filled_groups": jnp.maximum(num_groups - kept, 0).astype(jnp.float32)}
+
+
+def refill(cfg: DynamicSamplingConfig, group_size: int, num_groups: int,
+           sample: Callable[[int], tuple[Scored, dict[str, Any]]],
+           fill: Callable[[list[Scored], list[jax.Array]], Scored] | None = None):
+  """Samples batches `sample(0)`, `sample(1)`, ... (each a collect's (Scored, metrics) of
+  `num_groups` groups) until their informative groups fill a batch or `cfg.max_batches` were
+  drawn; returns (the batch `fill` makes of them, default `fill_batch`; the metrics, averaged
+  over every batch sampled: the policy's, not the filter's, plus `fill_metrics`)."""
+  fill = fill or (lambda b, k: fill_batch(b, k, group_size))
+  batches, sampled_metrics, keep = [], [], []
+  while len(batches) < cfg.max_batches and (
+      not keep or int(sum(jnp.sum(k) for k in keep)) < num_groups):
+    scored, metrics = sample(len(batches))
+    batches.append(scored)
+    sampled_metrics.append(metrics)
+    keep.append(informative_groups(scored.scores, group_size, cfg.tolerance))
+  metrics = jax.tree.map(lambda *v: sum(v) / len(v), *sampled_metrics)
+  return fill(batches, keep), {**metrics, **fill_metrics(keep)}

@@ -153,6 +153,14 @@ CASES = [
     ("unknown_variant", lambda t, i: {"__config": "experiments/configs/default.py:nosuch"},
      "unknown config variant 'nosuch'"),
     ("unknown_policy_loss", lambda t, i: {"ppo.policy_loss.name": "nope"}, "nope"),
+    ("unknown_method", lambda t, i: {"method": "sac"},
+     "--config: unknown method 'sac': use 'ppo' or 'dpo'"),
+    ("missing_plugin_module", lambda t, i: {"plugins": "no_such_plugin_mod"},
+     "plugin 'no_such_plugin_mod' could not be imported: ModuleNotFoundError"),
+    ("unknown_reward_term", lambda t, i: {"ppo.rewards.terms": "reward_model+0.5*nosuch"},
+     "--config.ppo.rewards: unknown reward 'nosuch'; registered: "),
+    ("unknown_mismatch_correction", lambda t, i: {"ppo.mismatch.correction": "tis2"},
+     "--config.ppo.mismatch: unknown mismatch correction 'tis2'; registered: "),
     ("indivisible_minibatches", lambda t, i: {"ppo.num_minibatches": 3}, "not divisible"),
     # No policy or reward given: the bad setting must fail before SFT and reward training write.
     ("bad_top_p_before_sft", lambda t, i: {"policy_path": "", "reward_path": "",
@@ -190,6 +198,19 @@ CASES = [
      "--config.ppo: keep_checkpoints must be >= 1, got 0"),
     ("zero_max_steps", lambda t, i: _scratch(**{"ppo.max_steps": 0}),
      "--config.ppo: max_steps must be >= 1, got 0"),
+    ("negative_ppo_checkpoint_every", lambda t, i: _scratch(**{"ppo.checkpoint_every": -1}),
+     "--config.ppo: checkpoint_every must be >= 0, got -1"),
+    ("negative_sft_checkpoint_every", lambda t, i: _scratch(**{"sft.checkpoint_every": -5}),
+     "--config.sft: checkpoint_every must be >= 0, got -5"),
+    ("zero_length_buckets", lambda t, i: _scratch(**{"sft.length_buckets": 0}),
+     "--config.sft: length_buckets must be >= 1, got 0"),
+    ("negative_length_buckets", lambda t, i: _scratch(**{"reward.length_buckets": -2}),
+     "--config.reward: length_buckets must be >= 1, got -2"),
+    ("negative_lora_rank", lambda t, i: _scratch(**{"ppo.lora.rank": -1}),
+     "--config.ppo.lora: lora.rank must be >= 0 (0: off), got -1"),
+    ("lora_targets_nothing", lambda t, i: _scratch(**{"ppo.lora.rank": 4,
+                                                      "ppo.lora.target_modules": "mlp.fc"}),
+     "--config.ppo.lora: lora.target_modules 'mlp.fc' matches none of"),
     ("threshold_without_evaluation", lambda t, i: _scratch(**{"ppo.reward_threshold": 1.0,
                                                               "ppo.eval_every": 0}),
      "reward_threshold is checked at evaluations: it needs eval_every > 0"),
@@ -394,8 +415,8 @@ def test_ppo_without_eval_prompts_evaluates_on_training_prompts(tmp_path):
       models.CausalLM(cfg, rngs=nnx.Rngs(0)), tok, prompts, [], reward_fn=tiny_ppo.target_share,
       reward_params=None, value_model=models.ScalarModel(cfg, rngs=nnx.Rngs(1)))
   want = data.encode_prompts(tok, prompts[:8], 4)
-  np.testing.assert_array_equal(trainer.eval_ids, want.ids)
-  np.testing.assert_array_equal(trainer.eval_mask, want.mask)
+  np.testing.assert_array_equal(trainer.evaluator.ids, want.ids)
+  np.testing.assert_array_equal(trainer.evaluator.mask, want.mask)
 
 
 def test_stage_mains_check_before_they_work(inputs, tmp_path, tmp_path_factory):

@@ -1,18 +1,12 @@
 """Hugging Face checkpoints in and out: config.json + safetensors, never pickle, never remote code.
 
-Each family's tensor names map to our parameter paths through one table of rules (MaxText/tunix
-style): a Hugging Face key pattern, our path, and the reshape between Hugging Face's [out, in]
-torch Linear layout (or GPT-2's [in, out] Conv1D) and our [in, heads, head_dim] kernels.
-The same table drives import and export, so the two cannot drift apart. Hugging Face stores one
-tensor per layer ({i} in the key); we store the blocks stacked on a leading layer axis, so layer
-i's tensor is row i of our array.
+Which Hugging Face tensor is which of our parameters, and the reshapes between their layouts, is
+the rules table of `hf_rules`; here that table is read (shard by shard onto a mesh) and written.
 """
 
-import dataclasses
 import json
 import os
-import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf_jax import fileio
-from rlhf_jax.models import safetensors_io
+from rlhf_jax.models import hf_rules, safetensors_io
 from rlhf_jax.models.config import ConfigError, DecoderConfig, from_hf_config, to_hf_config
 from rlhf_jax.models.transformer import CausalLM, ScalarModel
 from rlhf_jax.sharding import param_shardings
@@ -28,156 +22,6 @@ from rlhf_jax.sharding import param_shardings
 
 class CheckpointError(ValueError):
   """A Hugging Face checkpoint directory that cannot be loaded (names the file and problem)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-  """Hugging Face key <-> our path, with layout conversions both ways."""
-  hf: str                               # may contain {i} for the layer index
-  ours: tuple                           # path; with {i} in `hf`, of a stacked [L, ...] array
-  to_ours: Callable[[np.ndarray, DecoderConfig], np.ndarray]
-  to_hf: Callable[[np.ndarray, DecoderConfig], np.ndarray]
-
-
-def _same(x, c):
-  del c
-  return x
-
-
-def _t(x, c):
-  del c
-  return x.T
-
-
-def _lin_in_heads(heads_attr):
-  """torch Linear [H*D, d] -> ours [d, H, D] and back."""
-  def to_ours(x, c):
-    return x.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
-
-  def to_hf(x, c):
-    return x.reshape(c.hidden_size, -1).T
-  return to_ours, to_hf
-
-
-def _bias_heads(heads_attr):
-  def to_ours(x, c):
-    return x.reshape(getattr(c, heads_attr), c.head_dim)
-
-  def to_hf(x, c):
-    del c
-    return x.reshape(-1)
-  return to_ours, to_hf
-
-
-def _o_from_linear(x, c):   # torch [d, H*D] -> [H, D, d]
-  return x.T.reshape(c.num_heads, c.head_dim, c.hidden_size)
-
-
-def _o_to_linear(x, c):
-  return x.reshape(-1, c.hidden_size).T
-
-
-def _o_from_conv(x, c):     # Conv1D [H*D, d] -> [H, D, d]
-  return x.reshape(c.num_heads, c.head_dim, c.hidden_size)
-
-
-def _o_to_conv(x, c):
-  return x.reshape(-1, c.hidden_size)
-
-
-def _llama_rules(cfg: DecoderConfig) -> list[_Rule]:
-  q, kv = _lin_in_heads("num_heads"), _lin_in_heads("num_kv_heads")
-  qb, kvb = _bias_heads("num_heads"), _bias_heads("num_kv_heads")
-  L = "model.layers.{i}."
-  D = ("decoder", "layers")
-  rules = [
-      _Rule("model.embed_tokens.weight", ("decoder", "embed"), _same, _same),
-      _Rule("model.norm.weight", ("decoder", "final_norm", "scale"), _same, _same),
-      _Rule(L + "input_layernorm.weight", D + ("attn_norm", "scale"), _same, _same),
-      _Rule(L + "post_attention_layernorm.weight", D + ("mlp_norm", "scale"), _same, _same),
-      _Rule(L + "self_attn.q_proj.weight", D + ("attn", "q"), *q),
-      _Rule(L + "self_attn.k_proj.weight", D + ("attn", "k"), *kv),
-      _Rule(L + "self_attn.v_proj.weight", D + ("attn", "v"), *kv),
-      _Rule(L + "self_attn.o_proj.weight", D + ("attn", "o"), _o_from_linear, _o_to_linear),
-      _Rule(L + "mlp.gate_proj.weight", D + ("mlp", "gate"), _t, _t),
-      _Rule(L + "mlp.up_proj.weight", D + ("mlp", "up"), _t, _t),
-      _Rule(L + "mlp.down_proj.weight", D + ("mlp", "down"), _t, _t),
-  ]
-  if cfg.qkv_bias:
-    rules += [_Rule(L + "self_attn.q_proj.bias", D + ("attn", "q_bias"), *qb),
-              _Rule(L + "self_attn.k_proj.bias", D + ("attn", "k_bias"), *kvb),
-              _Rule(L + "self_attn.v_proj.bias", D + ("attn", "v_bias"), *kvb)]
-  if cfg.out_bias:
-    rules.append(_Rule(L + "self_attn.o_proj.bias", D + ("attn", "o_bias"), _same, _same))
-  if cfg.mlp_bias:
-    rules += [_Rule(L + f"mlp.{n}_proj.bias", D + ("mlp", f"{n}_bias"), _same, _same)
-              for n in ("gate", "up", "down")]
-  if cfg.qk_norm:
-    rules += [_Rule(L + "self_attn.q_norm.weight", D + ("attn", "q_norm", "scale"), _same, _same),
-              _Rule(L + "self_attn.k_norm.weight", D + ("attn", "k_norm", "scale"), _same, _same)]
-  return rules
-
-
-def _gpt2_rules(cfg: DecoderConfig) -> list[_Rule]:
-  del cfg
-  L = "transformer.h.{i}."
-  D = ("decoder", "layers")
-
-  def conv_in_heads(x, c):   # Conv1D [d, H*D] -> [d, H, D]
-    return x.reshape(c.hidden_size, c.num_heads, c.head_dim)
-
-  def conv_out_heads(x, c):
-    return x.reshape(c.hidden_size, -1)
-  bias_heads = _bias_heads("num_heads")
-  rules = [
-      _Rule("transformer.wte.weight", ("decoder", "embed"), _same, _same),
-      _Rule("transformer.wpe.weight", ("decoder", "pos_embed"), _same, _same),
-      _Rule("transformer.ln_f.weight", ("decoder", "final_norm", "scale"), _same, _same),
-      _Rule("transformer.ln_f.bias", ("decoder", "final_norm", "bias"), _same, _same),
-      _Rule(L + "attn.c_proj.weight", D + ("attn", "o"), _o_from_conv, _o_to_conv),
-      _Rule(L + "attn.c_proj.bias", D + ("attn", "o_bias"), _same, _same),
-      _Rule(L + "mlp.c_fc.weight", D + ("mlp", "up"), _same, _same),
-      _Rule(L + "mlp.c_fc.bias", D + ("mlp", "up_bias"), _same, _same),
-      _Rule(L + "mlp.c_proj.weight", D + ("mlp", "down"), _same, _same),
-      _Rule(L + "mlp.c_proj.bias", D + ("mlp", "down_bias"), _same, _same),
-  ]
-  for hf_ln, ours_ln in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
-    rules += [_Rule(L + f"{hf_ln}.weight", D + (ours_ln, "scale"), _same, _same),
-              _Rule(L + f"{hf_ln}.bias", D + (ours_ln, "bias"), _same, _same)]
-  # c_attn packs q, k, v along the output axis; split on import, concatenated again on export.
-  for j, name in enumerate("qkv"):
-    def w_in(x, c, j=j):
-      return conv_in_heads(np.split(x, 3, axis=1)[j], c)
-
-    def b_in(x, c, j=j):
-      return bias_heads[0](np.split(x, 3)[j], c)
-    rules += [_Rule(L + "attn.c_attn.weight", D + ("attn", name), w_in, conv_out_heads),
-              _Rule(L + "attn.c_attn.bias", D + ("attn", f"{name}_bias"), b_in, bias_heads[1])]
-  return rules
-
-
-def _rules(cfg: DecoderConfig, head: str | None) -> list[_Rule]:
-  """Rules of the trunk plus `head`: "lm", "score" or None (a trunk whose head stays fresh)."""
-  rules = _gpt2_rules(cfg) if cfg.model_type == "gpt2" else _llama_rules(cfg)
-  if head == "score":
-    rules.append(_Rule("score.weight", ("head",), _t, _t))
-  elif head == "lm" and not cfg.tie_word_embeddings:
-    rules.append(_Rule("lm_head.weight", ("lm_head",), _t, _t))
-  return rules
-
-
-def _expand(rules: list[_Rule], cfg: DecoderConfig):
-  """Rules with {i} instantiated for every layer: [(hf_key, our_path, layer or None, rule)]."""
-  out = []
-  for r in rules:
-    layers = range(cfg.num_layers) if "{i}" in r.hf else [None]
-    for i in layers:
-      out.append((r.hf.format(i=i) if i is not None else r.hf, r.ours, i, r))
-  return out
-
-
-# Keys some exporters write that carry no weights (causal-mask buffers, rotary caches).
-_IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$)")
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -256,17 +100,17 @@ class _Reader:
   name, converted per layer; a rule that is a plain copy or transpose reads only the slice."""
 
   def __init__(self, tensors: safetensors_io.TensorFiles, cfg: DecoderConfig,
-               entries: list[tuple[str, tuple, int | None, _Rule]]):
+               entries: list[tuple[str, tuple, int | None, hf_rules.Rule]]):
     self.tensors, self.cfg = tensors, cfg
     self.parts = [(hf_key, rule) for hf_key, _, _, rule in entries]   # one per layer if stacked
     self.stacked = entries[0][2] is not None
 
-  def _part(self, hf_key: str, rule: _Rule, rest: tuple) -> np.ndarray:
+  def _part(self, hf_key: str, rule: hf_rules.Rule, rest: tuple) -> np.ndarray:
     """One Hugging Face tensor in our layout, sliced by `rest`."""
     src = self.tensors.array(hf_key)
-    if rule.to_ours is _same:
+    if rule.to_ours is hf_rules.same:
       return np.asarray(src[rest], np.float32)
-    if rule.to_ours is _t:
+    if rule.to_ours is hf_rules.transpose:
       return np.asarray(src.T[rest], np.float32)
     return rule.to_ours(np.asarray(src, np.float32), self.cfg)[rest]
 
@@ -325,7 +169,7 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
   tensors = _open(path)
   entries: dict[tuple, list] = {}
   want: dict[str, tuple] = {}   # each Hugging Face tensor's shape under this config.json
-  expanded = _expand(_rules(cfg, head), cfg)   # layers in order
+  expanded = hf_rules.expand(hf_rules.table(cfg, head), cfg)   # layers in order
   for hf_key, our_path, layer, rule in expanded:
     if hf_key not in tensors:
       raise CheckpointError(f"{path}: tensor {hf_key!r} missing from the safetensors files")
@@ -347,7 +191,7 @@ def from_pretrained(path: str, *, kind: str | None = None, dtype: str = "float32
           f"{where} (Hugging Face shape {want[hf_key]}) for this config.json")
   used = {e[0] for es in entries.values() for e in es}
   # An LM head is unused (not unexpected) when tied or when the trunk feeds a fresh scalar head.
-  extra = [k for k in tensors.keys() if k not in used and not _IGNORED.search(k)
+  extra = [k for k in tensors.keys() if k not in used and not hf_rules.IGNORED.search(k)
            and not (k == "lm_head.weight" and (cfg.tie_word_embeddings or head is None))]
   if extra:
     raise CheckpointError(f"{path}: unexpected tensors for {cfg.model_type}: {sorted(extra)[:8]}")
@@ -390,7 +234,8 @@ def save_pretrained(model, path: str, *, architecture: str | None = None) -> Non
         "GPT2LMHeadModel" if cfg.model_type == "gpt2" else f"{family}ForCausalLM")
   host = jax.device_get(nnx.to_pure_dict(nnx.state(model)))
   tensors = {}
-  for hf_key, our_path, layer, rule in _expand(_rules(cfg, "score" if scalar else "lm"), cfg):
+  rules = hf_rules.table(cfg, "score" if scalar else "lm")
+  for hf_key, our_path, layer, rule in hf_rules.expand(rules, cfg):
     x = np.asarray(_get(host, our_path), np.float32)
     y = rule.to_hf(x if layer is None else x[layer], cfg)
     if hf_key in tensors:   # GPT-2 c_attn: q, k, v parts arrive in order and are concatenated.

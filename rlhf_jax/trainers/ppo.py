@@ -9,7 +9,6 @@ reward-hacking monitor fires.
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable
 
@@ -21,7 +20,6 @@ from flax import nnx
 
 from rlhf_jax import checkpointing
 from rlhf_jax import dynamic_sampling as ds_lib
-from rlhf_jax import evaluation
 from rlhf_jax import faults
 from rlhf_jax import ppo as ppo_lib
 from rlhf_jax import sharding as sharding_lib
@@ -29,116 +27,10 @@ from rlhf_jax.collect import collect
 from rlhf_jax.data import PromptIterator, encode_prompts
 from rlhf_jax.metrics import MetricsWriter, Progress
 from rlhf_jax.models import lora as lora_lib
-from rlhf_jax.optim import OptimConfig, make_optimizer
-from rlhf_jax.rollout import rollout
-from rlhf_jax.rewards import RewardsConfig
-from rlhf_jax.score import RewardFn, RewardNorm, reward_terms, score
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOTrainerConfig(ppo_lib.PPOConfig):
-  """The RL loop: the algorithm's fields (`PPOConfig`: sampling, losses, estimator, KL, critic,
-  epochs, minibatches) and
-
-  Attributes:
-    batch_size: Prompts per iteration (global, over all processes); each is sampled
-      `group_size` times.
-    max_prompt_len: Prompts are left-padded / left-truncated to this many tokens.
-    max_steps: Iteration budget.
-    reward_threshold: Stop once the evaluated mean reward-model score (raw units) reaches this.
-    stop_on_hacking: Stop at the first evaluation where the reward-hacking monitor fires
-      (`evaluation.reward_hacking`); the last checkpoint is then the policy it judged.
-    eval_every: Iterations between evaluations on held-out prompts (0: only at the end).
-    num_eval_prompts: Held-out prompts per evaluation.
-    num_samples_logged: Rows of the sample table written per evaluation.
-    normalize_reward: Calibrate gain/bias so the initial policy's scores have mean 0, std 1.
-    seed: Seeds sampling, shuffling and minibatching.
-    log_every_s: Progress line period.
-    checkpoint_every: Iterations between checkpoints (with a checkpoint directory; 0: only the
-      final one and on preemption).
-    keep_checkpoints: Newest checkpoints kept.
-    max_nonfinite_iterations: Stop after this many consecutive iterations with a non-finite
-      reward or skipped non-finite minibatch steps.
-    frozen_param_dtype: Store the frozen reference and reward weights in this dtype (e.g.
-      "bfloat16": half their memory; they compute in the models' compute dtype either way);
-      None: as loaded. The trained policy and critic keep their master dtype.
-    optim: Optimizer of policy and critic; its total_steps counts minibatch steps and defaults
-      to the run's (max_steps x ppo_epochs x num_minibatches).
-    rewards: What the policy is rewarded with: the reward model, registered rule / text
-      rewards, or a weighted sum (`rlhf_jax.rewards`; the pipeline builds the reward_fn from it).
-    lora: LoRA adapters on the policy and a separate critic (rank 0: full fine-tuning). Only
-      the adapters (and the critic's head) are trained and checkpointed; the reference is the
-      policy with its adapters off, so the policy's weights exist once; `frozen_param_dtype`
-      then applies to the frozen base too.
-    dynamic_sampling: DAPO's refill of the batch with groups whose rewards differ
-      (`rlhf_jax.dynamic_sampling`; needs group_size > 1).
-  """
-  batch_size: int = 64
-  max_prompt_len: int = 16
-  max_steps: int = 20_000
-  reward_threshold: float | None = None
-  stop_on_hacking: bool = False
-  eval_every: int = 10
-  num_eval_prompts: int = 64
-  num_samples_logged: int = 8
-  normalize_reward: bool = True
-  seed: int = 0
-  log_every_s: float = 10.0
-  checkpoint_every: int = 10
-  keep_checkpoints: int = 3
-  max_nonfinite_iterations: int = 3
-  frozen_param_dtype: str | None = None
-  optim: OptimConfig = OptimConfig()
-  rewards: RewardsConfig = RewardsConfig()
-  lora: lora_lib.LoRAConfig = lora_lib.LoRAConfig()
-  dynamic_sampling: ds_lib.DynamicSamplingConfig = ds_lib.DynamicSamplingConfig()
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.dynamic_sampling.enabled and self.group_size < 2:
-      raise ValueError("dynamic_sampling compares the rewards within a group: it needs "
-                       f"group_size > 1, got {self.group_size}")
-    for name in ("batch_size", "max_prompt_len", "max_steps", "num_eval_prompts",
-                 "keep_checkpoints", "max_nonfinite_iterations"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("eval_every", "num_samples_logged", "checkpoint_every", "seed"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-    if not self.log_every_s >= 0:
-      raise ValueError(f"log_every_s must be >= 0, got {self.log_every_s}")
-    if self.reward_threshold is not None:
-      if not math.isfinite(self.reward_threshold):
-        raise ValueError(f"reward_threshold must be finite or unset, got {self.reward_threshold}")
-      if not self.eval_every:   # evaluation only after the last step could never stop early
-        raise ValueError("reward_threshold is checked at evaluations: it needs eval_every > 0")
-    if self.frozen_param_dtype is not None:
-      try:
-        jnp.dtype(self.frozen_param_dtype)
-      except TypeError:
-        raise ValueError(f"frozen_param_dtype {self.frozen_param_dtype!r} is not a dtype") from None
-    if (self.batch_size * self.group_size) % self.num_minibatches:
-      raise ValueError(f"batch_size*group_size={self.batch_size * self.group_size} is not "
-                       f"divisible by num_minibatches={self.num_minibatches}")
-    minibatch = self.batch_size * self.group_size // self.num_minibatches
-    if self.micro_batch_size is not None and minibatch % self.micro_batch_size:
-      raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide the minibatch "
-                       f"size {minibatch} (batch_size*group_size / num_minibatches)")
-
-  @property
-  def algorithm(self) -> ppo_lib.PPOConfig:
-    """The PPOConfig part: the static argument of the jitted programs, so the loop's budget and
-    cadence fields never cause a recompilation."""
-    return ppo_lib.PPOConfig(**{f.name: getattr(self, f.name)
-                                for f in dataclasses.fields(ppo_lib.PPOConfig)})
-
-  @property
-  def optimizer(self) -> OptimConfig:
-    """`optim` with total_steps defaulted to the run's minibatch steps."""
-    if self.optim.total_steps is not None:
-      return self.optim
-    return dataclasses.replace(
-        self.optim, total_steps=self.max_steps * self.ppo_epochs * self.num_minibatches)
+from rlhf_jax.optim import make_optimizer
+from rlhf_jax.score import RewardFn, RewardNorm
+from rlhf_jax.trainers.ppo_config import PPOTrainerConfig
+from rlhf_jax.trainers.ppo_eval import PPOEvaluator
 
 
 class PPOTrainer:
@@ -167,16 +59,22 @@ class PPOTrainer:
                checkpoint_dir: str | None = None):
     self.cfg = cfg
     self.tokenizer = tokenizer
-    self.gold_fn = gold_fn
     self.writer = writer
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh()
     self.algo = dataclasses.replace(cfg.algorithm, sampling=cfg.sampling.with_special_tokens(
         tokenizer.eos_token_id, tokenizer.pad_token_id))
     self.algo.sampling.check_special_tokens()
     self._check_model(policy)
-    self._encode_prompts(train_prompts, eval_prompts)
+    self._encode_prompts(train_prompts)
     self._place_models(policy, ref_policy, value_model, reward_params)
-    self.reward_fn = reward_fn
+    if not eval_prompts:   # evaluation still runs (final metrics, threshold, monitor)
+      logging.warning("no evaluation prompts: evaluating on the first %d training prompts, so "
+                      "the eval metrics are not held out", cfg.num_eval_prompts)
+      eval_prompts = train_prompts
+    self.evaluator = PPOEvaluator(
+        cfg, self.algo, tokenizer, eval_prompts, policy_graphdef=self.state.policy_graphdef,
+        ref_graphdef=self.ref_graphdef, reward_fn=reward_fn, mesh=self.mesh, gold_fn=gold_fn,
+        writer=writer)
     on_mesh = functools.partial(sharding_lib.on_mesh, self.mesh)
     self._collect = on_mesh(jax.jit(functools.partial(
         collect, self.algo, ref_graphdef=self.ref_graphdef, reward_fn=reward_fn)))
@@ -184,11 +82,7 @@ class PPOTrainer:
     self._fill = on_mesh(jax.jit(self._fill_impl))
     self._update = on_mesh(jax.jit(ppo_lib.ppo_update, static_argnums=0, donate_argnums=1,
                                    out_shardings=(self.state_shardings, None)))
-    # Replicated outputs: every process decodes all evaluation rows on the host.
-    self._eval_rollouts = on_mesh(jax.jit(self._eval_impl,
-                                          out_shardings=sharding_lib.replicated(self.mesh)))
     self.history: list[dict[str, Any]] = []
-    self.eval_history: list[dict[str, Any]] = []
     self.checkpointer = None
     self._resumed: dict[str, Any] = {}
     if checkpoint_dir is not None:
@@ -207,7 +101,7 @@ class PPOTrainer:
                        f"{cfg.sampling.max_new_tokens} exceeds the policy's "
                        f"max_position_embeddings = {policy.cfg.max_position_embeddings}")
 
-  def _encode_prompts(self, train_prompts: list[str], eval_prompts: list[str]) -> None:
+  def _encode_prompts(self, train_prompts: list[str]) -> None:
     cfg = self.cfg
     enc = encode_prompts(self.tokenizer, train_prompts, cfg.max_prompt_len)
     if enc.num_truncated:
@@ -215,12 +109,6 @@ class PPOTrainer:
                       "left-truncated", enc.num_truncated, len(train_prompts), cfg.max_prompt_len)
     self.prompts = PromptIterator(enc.ids, enc.mask, cfg.batch_size, cfg.seed,
                                   jax.process_index(), jax.process_count())
-    if not eval_prompts:   # evaluation still runs (final metrics, threshold, monitor)
-      logging.warning("no evaluation prompts: evaluating on the first %d training prompts, so "
-                      "the eval metrics are not held out", cfg.num_eval_prompts)
-      eval_prompts = train_prompts
-    ev = encode_prompts(self.tokenizer, eval_prompts[:cfg.num_eval_prompts], cfg.max_prompt_len)
-    self.eval_ids, self.eval_mask = ev.ids, ev.mask
 
   def _place_models(self, policy, ref_policy, value_model, reward_params) -> None:
     """The train state, the frozen bases under LoRA, and the frozen reference and reward
@@ -272,39 +160,18 @@ class PPOTrainer:
                          reward_params=self.reward_params, frozen=self.frozen,
                          reward_norm=self.reward_norm if reward_norm is None else reward_norm)
 
-  def _eval_impl(self, params, frozen, ref_params, reward_params, ids, mask, key):
-    sampling = self.algo.sampling
-    policy_params = lora_lib.join(frozen, params)["policy"]
-    ref_params = frozen["policy"] if ref_params is None else ref_params
-    ro = rollout(self.state.policy_graphdef, policy_params, ids, mask, key, sampling)
-    ref_ro = rollout(self.ref_graphdef, ref_params, ids, mask, key, sampling)
-    scored, metrics = score(self.algo, ro, ref_graphdef=self.ref_graphdef,
-                            ref_params=ref_params, reward_fn=self.reward_fn,
-                            reward_params=reward_params, kl_coef=jnp.zeros(()))
-    ref_raw, _ = reward_terms(self.reward_fn, reward_params, ref_ro)
-    return ro, ref_ro, scored.raw_scores, ref_raw, metrics
-
   # --- host side -------------------------------------------------------------------------------
 
   def _sample(self, ids, mask, key) -> tuple[Any, dict[str, jax.Array]]:
-    """One collect; with dynamic sampling, more batches of prompts (up to `max_batches`) until
-    the training batch can be filled with informative groups. The metrics are the mean over
-    all batches sampled (the policy's, not the filter's), plus the filter's counts."""
-    scored, metrics = self._run_collect(ids, mask, key)
-    ds = self.cfg.dynamic_sampling
-    if not ds.enabled:
-      return scored, metrics
-    batches, sampled_metrics = [scored], [metrics]
-    keep = [ds_lib.informative_groups(scored.scores, self.cfg.group_size, ds.tolerance)]
-    while (len(batches) < ds.max_batches
-           and int(sum(jnp.sum(k) for k in keep)) < self.cfg.batch_size):
-      ids, mask, _ = self._next_batch()
-      scored, metrics = self._run_collect(ids, mask, jax.random.fold_in(key, len(batches)))
-      batches.append(scored)
-      sampled_metrics.append(metrics)
-      keep.append(ds_lib.informative_groups(scored.scores, self.cfg.group_size, ds.tolerance))
-    metrics = jax.tree.map(lambda *v: sum(v) / len(v), *sampled_metrics)
-    return self._fill(batches, keep), {**metrics, **ds_lib.fill_metrics(keep)}
+    """One collect, or with dynamic sampling as many as it takes (`dynamic_sampling.refill`)."""
+    if not self.cfg.dynamic_sampling.enabled:
+      return self._run_collect(ids, mask, key)
+
+    def sample(i):   # the i-th batch of prompts of this iteration
+      batch = (ids, mask) if i == 0 else self._next_batch()[:2]
+      return self._run_collect(*batch, jax.random.fold_in(key, i) if i else key)
+    return ds_lib.refill(self.cfg.dynamic_sampling, self.cfg.group_size, self.cfg.batch_size,
+                         sample, self._fill)
 
   def _fill_impl(self, batches, keep):
     """`dynamic_sampling.fill_batch`, its rows split over the batch axes like a collect's."""
@@ -346,7 +213,7 @@ class PPOTrainer:
       norm = self._resumed["reward_norm"]
       self.reward_norm = self._replicated(
           RewardNorm(gain=np.float32(norm["gain"]), bias=np.float32(norm["bias"])))
-      self.eval_history = self._resumed["eval_history"]
+      self.evaluator.history = self._resumed["eval_history"]
       logging.info("resuming PPO from step %d", int(self.state.step))
     if self.writer is not None:
       self.writer.truncate(self._resumed.get("num_records", 0))
@@ -359,39 +226,15 @@ class PPOTrainer:
         "reward_norm": {"gain": float(self.reward_norm.gain), "bias": float(self.reward_norm.bias)},
         "num_records": self.writer.num_records if self.writer is not None else 0,
         "eval_history": [{k: v for k, v in e.items() if k != "samples"}
-                         for e in self.eval_history],
+                         for e in self.evaluator.history],
         **host_state,
     }
     self.checkpointer.save(step, self.state, meta, force=force)
 
   def evaluate(self, step: int) -> dict[str, Any]:
-    """Held-out prompts: reward, KL, length, distinct-n, win rate vs the reference, gold score,
-    samples and the reward-hacking monitor's verdict and signals over this run's evaluations."""
-    key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
-    ro, ref_ro, raw, ref_raw, m = jax.device_get(self._eval_rollouts(
-        self.state.params, self.frozen, self.ref_params, self.reward_params,
-        self.eval_ids, self.eval_mask, key))
-    texts = evaluation.completion_texts(self.tokenizer, ro.completion_ids, ro.completion_mask)
-    gold = ref_gold = None
-    if self.gold_fn is not None:
-      gold = evaluation.gold_scores(self.gold_fn, texts)
-      ref_gold = evaluation.gold_scores(self.gold_fn, evaluation.completion_texts(
-          self.tokenizer, ref_ro.completion_ids, ref_ro.completion_mask))
-    out: dict[str, Any] = evaluation.eval_metrics(
-        raw, ref_raw, m, evaluation.valid_rows(ro.completion_ids, ro.completion_mask),
-        evaluation.valid_rows(ref_ro.completion_ids, ref_ro.completion_mask), gold, ref_gold)
-    prompts = self.tokenizer.batch_decode(evaluation.valid_rows(ro.prompt_ids, ro.prompt_mask))
-    out["samples"] = evaluation.sample_rows(prompts, texts, raw, self.cfg.num_samples_logged)
-    self.eval_history.append(out)
-    verdict = evaluation.reward_hacking(self.eval_history)
-    out.update(verdict.signals, reward_hacking=int(verdict.flag))
-    if verdict.flag:
-      logging.warning("possible reward hacking at step %d: %s", step, verdict.reason)
-    else:
-      logging.info("reward-hacking monitor at step %d: quiet; %s", step, verdict.reason)
-    if self.writer is not None:
-      self.writer.write_text(step, "eval_samples", evaluation.samples_table(out["samples"]))
-    return out
+    """The current policy's evaluation record at `step` (`PPOEvaluator`)."""
+    return self.evaluator(step, self.state.params, self.frozen, self.ref_params,
+                          self.reward_params)
 
   def train(self) -> dict[str, Any]:
     """Runs until max_steps or the reward threshold; returns the last evaluation."""
