@@ -151,13 +151,15 @@ class PPOTrainer:
     writer: MetricsWriter for per-iteration and eval records.
     checkpoint_dir: Where checkpoints go; when it holds one, training resumes from the newest
       (state, prompt position, reward normalisation) and the writer drops records logged after it.
+    use_chat_template: Render the prompts through the tokenizer's chat template (a user turn
+      and the generation prompt, `data.encode_prompts`), as the SFT and reward data were.
   """
 
   def __init__(self, cfg: PPOTrainerConfig, policy, tokenizer, train_prompts: list[str],
                eval_prompts: list[str], *, reward_fn: RewardFn, reward_params: Any,
                value_model=None, ref_policy=None, gold_fn: Callable[[str], float] | None = None,
                mesh=None, writer: MetricsWriter | None = None,
-               checkpoint_dir: str | None = None):
+               checkpoint_dir: str | None = None, use_chat_template: bool = False):
     self.cfg = cfg
     self.tokenizer = tokenizer
     self.gold_fn = gold_fn
@@ -167,7 +169,7 @@ class PPOTrainer:
         tokenizer.eos_token_id, tokenizer.pad_token_id))
     self.algo.sampling.check_special_tokens()
     self._check_model(policy)
-    self._encode_prompts(train_prompts, eval_prompts)
+    self._encode_prompts(train_prompts, eval_prompts, use_chat_template)
     self._place_models(policy, ref_policy, value_model, reward_params)
     self.reward_fn = reward_fn
     on_mesh = functools.partial(sharding_lib.on_mesh, self.mesh)
@@ -199,9 +201,10 @@ class PPOTrainer:
                        f"{cfg.sampling.max_new_tokens} exceeds the policy's "
                        f"max_position_embeddings = {policy.cfg.max_position_embeddings}")
 
-  def _encode_prompts(self, train_prompts: list[str], eval_prompts: list[str]) -> None:
+  def _encode_prompts(self, train_prompts: list[str], eval_prompts: list[str],
+                      use_chat_template: bool) -> None:
     cfg = self.cfg
-    enc = encode_prompts(self.tokenizer, train_prompts, cfg.max_prompt_len)
+    enc = encode_prompts(self.tokenizer, train_prompts, cfg.max_prompt_len, use_chat_template)
     if enc.num_truncated:
       logging.warning("%d of %d train prompts were longer than max_prompt_len=%d and were "
                       "left-truncated", enc.num_truncated, len(train_prompts), cfg.max_prompt_len)
@@ -211,7 +214,8 @@ class PPOTrainer:
       logging.warning("no evaluation prompts: evaluating on the first %d training prompts, so "
                       "the eval metrics are not held out", cfg.num_eval_prompts)
       eval_prompts = train_prompts
-    ev = encode_prompts(self.tokenizer, eval_prompts[:cfg.num_eval_prompts], cfg.max_prompt_len)
+    ev = encode_prompts(self.tokenizer, eval_prompts[:cfg.num_eval_prompts], cfg.max_prompt_len,
+                        use_chat_template)
     self.eval_ids, self.eval_mask = ev.ids, ev.mask
 
   def _place_models(self, policy, ref_policy, value_model, reward_params) -> None:
