@@ -237,6 +237,11 @@ CASES = [
     ("truncated_tokenizer_config", lambda t, i: {"tokenizer_path": _truncated(
         i["tokenizer_path"], t / "tok", "tokenizer_config.json")},
      "tok/tokenizer_config.json: not valid JSON"),
+    ("tokenizer_without_chat_template", lambda t, i: {"use_chat_template": True},
+     "/tok has no chat template (a chat_template in its tokenizer_config.json"),
+    ("builtin_tokenizer_without_chat_template", lambda t, i: _scratch(use_chat_template=True),
+     "--config.use_chat_template=True but the tokenizer of the built-in task has no chat "
+     "template"),
     ("missing_tokenizer_config", lambda t, i: {"tokenizer_path": _copy_model(
         i["tokenizer_path"], t / "tok", drop="tokenizer_config.json")},
      "tok/tokenizer_config.json: missing"),
