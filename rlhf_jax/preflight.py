@@ -4,10 +4,11 @@ A check of one config dataclass lives in its `__post_init__` and has run when th
 built (`config_tree.from_config_dict`). `check_run` does the rest, those that need several stages,
 the tokenizer, a checkpoint's config.json or the data: the mesh fits the devices; the tokenizer
 and checkpoints load (each problem naming its file); the tokenizer has a chat template when
-`use_chat_template` asks for one; the reward checkpoint is a reward model; a
-from-scratch model can be exported as its family; the tokenizer fits each model's vocabulary and
-`top_k` the policy's; each stage's lengths fit its model's positions; the data files parse, their
-completions fit `max_len` and they fill a batch after the held-out split; the gold judge imports.
+`use_chat_template` asks for one; the reward checkpoint is a reward model; a from-scratch model
+can be exported as its family; the tokenizer fits each model's vocabulary and `top_k` the
+policy's; each stage's lengths fit its model's positions; the data files parse, encode as the
+stages will (through the chat template too), their completions fit `max_len` and they fill a
+batch after the held-out split; the gold judge imports.
 So a bad setting of the last stage fails in seconds, before the first has trained.
 """
 

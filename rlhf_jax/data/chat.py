@@ -8,7 +8,10 @@ pairs without a prompt field keep their earlier turns as turns. A reply (an SFT 
 pair's chosen or rejected) becomes the text the template writes for it as the assistant turn:
 the conversation with the reply appended, less the rendered prompt. So the prompt part of an SFT,
 reward or DPO row is the PPO prompt token for token, and the loss mask covers the assistant turn
-as the template writes it, its own end-of-turn token included.
+as the template writes it, its own end-of-turn token included. The turn then ends in one EOS,
+where rollouts stop and rewards are read: a template that writes the EOS itself (ChatML's
+<|im_end|> as the tokenizer's EOS, Llama 2's `{{ eos_token }}`) does not get a second one, and
+one whose end-of-turn token is another (Gemma's <end_of_turn>) keeps it before the EOS.
 
 Message texts lose the whitespace at their ends, which plain-text datasets use only to join
 prompt and completion (HH replies start with a space).
