@@ -60,8 +60,11 @@ class ExperimentConfig:
     mesh_shape: Mesh over (data, fsdp, tensor); one -1 takes the remaining devices.
     prompts, eval_prompts, sft_data, preferences: Data files (JSONL / text / parquet /
       datasets-on-disk); empty: the built-in task's.
-    use_chat_template: Render prompts with the tokenizer's chat template. Not read by any stage
-      yet (nor before this tree): `data.encode_prompts` supports it, the trainers do not pass it.
+    use_chat_template: Render every stage's text through the tokenizer's chat template
+      (`data.chat`): a prompt as a user turn (an HH dialogue as its turns) with the generation
+      prompt, an SFT completion or a preference reply as the assistant turn the template writes
+      after it, so SFT, reward, DPO and PPO see the same prompt tokens; the tokenizer must have
+      a chat template, and every SFT example and pair a prompt.
     policy_path, reward_path: Local Hugging Face checkpoints; empty: the stage trains one (SFT
       from scratch with `model`, the reward model from the SFT policy's trunk).
     tokenizer_path: Default: the policy checkpoint's directory (or the built-in task's).

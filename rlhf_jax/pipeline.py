@@ -140,7 +140,7 @@ def _train_sft(config: ExperimentConfig, paths: Paths) -> str:
   writer = MetricsWriter(paths.sft, "metrics")
   policy, _ = train_sft(policy, tokenizer, examples, config.sft, mesh=make_mesh(config),
                         log_fn=writer.write, checkpoint_dir=_checkpoints(paths.sft),
-                        writer=writer)
+                        writer=writer, use_chat_template=config.use_chat_template)
   writer.close()
   _save(policy, tokenizer, paths.sft)
   return paths.sft
@@ -154,7 +154,8 @@ def _train_reward(config: ExperimentConfig, paths: Paths, policy_path: str) -> s
   writer = MetricsWriter(paths.reward, "metrics")
   model, history, eval_metrics = train_reward_model(
       model, tokenizer, pairs, config.reward, mesh=make_mesh(config), log_fn=writer.write,
-      checkpoint_dir=_checkpoints(paths.reward), writer=writer)
+      checkpoint_dir=_checkpoints(paths.reward), writer=writer,
+      use_chat_template=config.use_chat_template)
   writer.write(history[-1]["step"] if history else 0,
                {f"final_eval_{k}": v for k, v in eval_metrics.items()})
   writer.close()
@@ -191,7 +192,7 @@ def _train_ppo(config: ExperimentConfig, paths: Paths, policy_path: str,
       data_lib.load_prompts(config.eval_prompts) if config.eval_prompts else [],
       reward_fn=reward_fn, reward_params=reward_params,
       value_model=value, gold_fn=gold_fn, mesh=make_mesh(config), writer=writer,
-      checkpoint_dir=_checkpoints(paths.ppo))
+      checkpoint_dir=_checkpoints(paths.ppo), use_chat_template=config.use_chat_template)
   final = trainer.train()
   writer.write(int(trainer.state.step), {f"final_{k}": v for k, v in final.items()
                                          if k != "samples"})
@@ -228,7 +229,8 @@ def _train_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict
   policy, history, final = train_dpo(policy, tokenizer, pairs, config.dpo, mesh=make_mesh(config),
                                      log_fn=writer.write, eval_prompts=prompts,
                                      gold_fn=_gold_fn(config),
-                                     checkpoint_dir=_checkpoints(paths.dpo), writer=writer)
+                                     checkpoint_dir=_checkpoints(paths.dpo), writer=writer,
+                                     use_chat_template=config.use_chat_template)
   writer.write(history[-1]["step"], {f"final_{k}": v for k, v in final.items() if k != "samples"})
   writer.close()
   _save(policy, tokenizer, paths.dpo)
@@ -287,6 +289,7 @@ def _sft_stage(config: ExperimentConfig, paths: Paths, h: Hasher) -> stages_lib.
     return {**_fields("sft", config.sft, resume.RESUMABLE_FIELDS),
             **_model_fields(config, from_scratch=not config.policy_path),
             "sft_data": h(config.sft_data), "tokenizer": h(_tokenizer_dir(config)),
+            "use_chat_template": config.use_chat_template,
             "policy": h(config.policy_path) if config.policy_path else "from scratch"}
   return stages_lib.Stage("sft", paths.sft, fingerprint, {},
                           lambda: _train_sft(config, paths), lambda: paths.sft)
@@ -298,7 +301,7 @@ def _reward_stage(config: ExperimentConfig, paths: Paths, h: Hasher,
     return {**_fields("reward", config.reward, resume.RESUMABLE_FIELDS),
             **_model_fields(config, from_scratch=False),
             "preferences": h(config.preferences), "tokenizer": h(_tokenizer_dir(config)),
-            "policy": h(policy_path)}
+            "use_chat_template": config.use_chat_template, "policy": h(policy_path)}
   return stages_lib.Stage("reward", paths.reward, fingerprint, {},
                           lambda: _train_reward(config, paths, policy_path),
                           lambda: paths.reward)
@@ -312,6 +315,7 @@ def _ppo_stage(config: ExperimentConfig, paths: Paths, h: Hasher, policy_path: s
             "prompts": h(config.prompts),
             "eval_prompts": h(config.eval_prompts) if config.eval_prompts else "none",
             "tokenizer": h(_tokenizer_dir(config)), "policy": h(policy_path),
+            "use_chat_template": config.use_chat_template,
             "reward_model": h(reward_path) if reward_path else "none"}
   # A finished run given more steps (or another threshold) resumes from its last checkpoint.
   budget = {"ppo.max_steps": config.ppo.max_steps,
@@ -328,7 +332,8 @@ def _dpo_stage(config: ExperimentConfig, paths: Paths, h: Hasher,
             **_model_fields(config, from_scratch=False),
             "preferences": h(config.preferences),
             "eval_prompts": h(config.eval_prompts) if config.eval_prompts else "none",
-            "tokenizer": h(_tokenizer_dir(config)), "policy": h(policy_path)}
+            "tokenizer": h(_tokenizer_dir(config)), "policy": h(policy_path),
+            "use_chat_template": config.use_chat_template}
   return stages_lib.Stage("dpo", paths.dpo, fingerprint, {},
                           lambda: _train_dpo(config, paths, policy_path),
                           lambda: _final_evaluation(paths.dpo))

@@ -3,10 +3,12 @@
 A check of one config dataclass lives in its `__post_init__` and has run when the config tree was
 built (`config_tree.from_config_dict`). `check_run` does the rest, those that need several stages,
 the tokenizer, a checkpoint's config.json or the data: the mesh fits the devices; the tokenizer
-and checkpoints load (each problem naming its file); the reward checkpoint is a reward model; a
-from-scratch model can be exported as its family; the tokenizer fits each model's vocabulary and
-`top_k` the policy's; each stage's lengths fit its model's positions; the data files parse, their
-completions fit `max_len` and they fill a batch after the held-out split; the gold judge imports.
+and checkpoints load (each problem naming its file); the tokenizer has a chat template when
+`use_chat_template` asks for one; the reward checkpoint is a reward model; a from-scratch model
+can be exported as its family; the tokenizer fits each model's vocabulary and `top_k` the
+policy's; each stage's lengths fit its model's positions; the data files parse, encode as the
+stages will (through the chat template too), their completions fit `max_len` and they fill a
+batch after the held-out split; the gold judge imports.
 So a bad setting of the last stage fails in seconds, before the first has trained.
 """
 
@@ -44,6 +46,7 @@ def check_run(config: Any, workdir: str, stages: Sequence[str]) -> None:
     raise ValueError(f"unknown stages {sorted(unknown)} (known: {', '.join(STAGES)})")
   sharding.make_mesh(tuple(config.mesh_shape))
   tokenizer = _tokenizer(config, workdir)
+  _check_chat_template(config, tokenizer)
   policy = _policy(config, tokenizer)
   check_vocab(policy.cfg, tokenizer, f"policy {policy.source}")
   if config.gold_judge and ("ppo" in stages or "dpo" in stages):
@@ -53,7 +56,7 @@ def check_run(config: Any, workdir: str, stages: Sequence[str]) -> None:
     path = _data_path(config, "sft_data")
     rows = (max(config.task.num_sft, 1) if path is None else
             _encoded_rows("sft", path, lambda: sft_lib.encode_examples(
-                tokenizer, data_lib.load_sft(path), config.sft), policy))
+                tokenizer, data_lib.load_sft(path), config.sft, config.use_chat_template), policy))
     _check_rows("sft", rows, config.sft)
   # The reward model starts from the policy's trunk; DPO from the policy itself.
   for stage, encode in (("reward", reward_lib.encode_pairs), ("dpo", dpo_lib.encode_pairs)):
@@ -76,7 +79,7 @@ def _check_pair_stage(config: Any, stage: str, encode, tokenizer, policy: _Model
   path = _data_path(config, "preferences")
   rows = (config.task.num_pairs if path is None else
           _encoded_rows(stage, path, lambda: encode(
-              tokenizer, data_lib.load_preferences(path), cfg), policy))
+              tokenizer, data_lib.load_preferences(path), cfg, config.use_chat_template), policy))
   _check_rows(stage, rows, cfg)
 
 
@@ -105,6 +108,16 @@ def _tokenizer(config: Any, workdir: str):
   if not path:
     raise ValueError("no tokenizer: set --config.tokenizer_path or --config.policy_path")
   return data_lib.load_tokenizer(path)
+
+
+def _check_chat_template(config: Any, tokenizer) -> None:
+  """Every stage renders its text through the template: without one, none could."""
+  if config.use_chat_template and not data_lib.has_chat_template(tokenizer):
+    name = getattr(tokenizer, "name_or_path", "") or "of the built-in task"
+    raise ValueError(
+        f"--config.use_chat_template=True but the tokenizer {name} has no chat template (a "
+        "chat_template in its tokenizer_config.json, or chat_template.jinja): give a tokenizer "
+        "with one (--config.tokenizer_path), or leave --config.use_chat_template=False")
 
 
 def _policy(config: Any, tokenizer) -> _Model:
@@ -170,15 +183,16 @@ def _check_max_len(stage: str, max_len: int, model: _Model) -> None:
 
 def _encoded_rows(stage: str, path: str, encode, model: _Model) -> int:
   """Rows of a stage's data file as its trainer encodes them (parse errors name the file and
-  line; an over-long completion names the stage's options)."""
+  line; an encoding error names the file, an over-long completion the stage's options too)."""
   try:
     arrays = encode()
   except data_lib.DataError as e:
-    if "max_len" not in str(e):
+    if e.path is not None:   # the loader's, naming the file and line
       raise
-    raise data_lib.DataError(
-        f"{path}: {e}: set --config.{stage}.max_len (at most the model's positions, "
-        f"{_positions(model)}) or --config.{stage}.drop_overlong=True") from None
+    hint = (f": set --config.{stage}.max_len (at most the model's positions, "
+            f"{_positions(model)}) or --config.{stage}.drop_overlong=True"
+            if "max_len" in str(e) else "")
+    raise data_lib.DataError(f"{e}{hint}", path) from None
   supervised.check_vocab(arrays, model.cfg.vocab_size)
   return supervised.num_rows(arrays)
 
@@ -212,7 +226,8 @@ def _check_ppo(config: Any, tokenizer, policy: _Model, reward: _Model) -> None:
       raise ValueError(f"--config.task.num_prompts={config.task.num_prompts} prompts cannot "
                        f"fill one batch of --config.ppo.batch_size={p.batch_size}")
     return
-  enc = data_lib.encode_prompts(tokenizer, data_lib.load_prompts(prompts), p.max_prompt_len)
+  enc = data_lib.encode_prompts(tokenizer, data_lib.load_prompts(prompts), p.max_prompt_len,
+                                config.use_chat_template)
   try:
     data_lib.PromptIterator(enc.ids, enc.mask, p.batch_size, p.seed, jax.process_index(),
                             jax.process_count())

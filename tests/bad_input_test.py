@@ -258,6 +258,17 @@ CASES = [
     ("truncated_tokenizer_config", lambda t, i: {"tokenizer_path": _truncated(
         i["tokenizer_path"], t / "tok", "tokenizer_config.json")},
      "tok/tokenizer_config.json: not valid JSON"),
+    ("tokenizer_without_chat_template", lambda t, i: {"use_chat_template": True},
+     "/tok has no chat template (a chat_template in its tokenizer_config.json"),
+    ("pair_without_prompt_under_chat_template", lambda t, i: {
+        "use_chat_template": True, "reward_path": "",
+        "tokenizer_path": _copy_model(i["tokenizer_path"], t / "tok", replace={
+            "chat_template.jinja": "{% for m in messages %}{{ m['content'] }} {% endfor %}"}),
+        "preferences": _write(t / "prefs.jsonl", '{"chosen": "good", "rejected": "bad"}\n')},
+     "prefs.jsonl: example 0: empty prompt: with use_chat_template a reply needs the user turn"),
+    ("builtin_tokenizer_without_chat_template", lambda t, i: _scratch(use_chat_template=True),
+     "--config.use_chat_template=True but the tokenizer of the built-in task has no chat "
+     "template"),
     ("missing_tokenizer_config", lambda t, i: {"tokenizer_path": _copy_model(
         i["tokenizer_path"], t / "tok", drop="tokenizer_config.json")},
      "tok/tokenizer_config.json: missing"),

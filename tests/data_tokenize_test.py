@@ -181,3 +181,111 @@ class TestEncodePreferences:
     pairs = [data.PreferencePair("", "nice .", "dull , but the plot was bad .")]
     with pytest.raises(data.DataError, match="example 0: rejected completion has 9 tokens"):
       data.encode_preferences(tok, pairs, 6)
+
+
+# Turns end in a marker of their own, not EOS: "<|end|>" stays in the assistant turn, EOS follows.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+HH_CHOSEN = "\n\nHuman: note : the lamp looked\n\nAssistant: very nice .\n\nHuman: and the film !"
+HH_PAIR = data.split_hh_prefix(HH_CHOSEN + "\n\nAssistant: good .",
+                               HH_CHOSEN + "\n\nAssistant: dull !")
+
+
+@pytest.fixture
+def chat_tok(tok):
+  tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+  tok.chat_template = CHAT_TEMPLATE
+  return tok
+
+
+def _tokens(tok, ids, mask) -> list[str]:
+  return tok.convert_ids_to_tokens(ids[mask == 1])
+
+
+def _turn(role: str, text: str) -> list[str]:
+  return [f"<|{role}|>", *text.split(), "<|end|>"]
+
+
+class TestChatTemplate:
+
+  def test_prompt_is_the_user_turn_and_the_generation_prompt(self, chat_tok):
+    out = data.encode_prompts(chat_tok, PROMPTS, 20, use_chat_template=True)
+    for i, p in enumerate(PROMPTS):
+      assert _tokens(chat_tok, out.ids[i], out.mask[i]) == _turn("user", p) + ["<|assistant|>"]
+
+  def test_completion_mask_covers_the_assistant_turn(self, chat_tok):
+    out = data.encode_prompt_completion(chat_tok, SFT_PROMPTS[:2], SFT_COMPLETIONS[:2], 30,
+                                        use_chat_template=True)
+    for i, (p, c) in enumerate(zip(SFT_PROMPTS, SFT_COMPLETIONS[:2])):
+      reply = [*c.split(), "<|end|>", "<eos>"]
+      assert _tokens(chat_tok, out.ids[i], out.attention_mask[i]) == (
+          _turn("user", p) + ["<|assistant|>"] + reply)
+      assert _tokens(chat_tok, out.ids[i], out.completion_mask[i]) == reply
+
+  def test_a_template_that_ends_turns_in_eos_gives_one_eos(self, chat_tok):
+    chat_tok.chat_template = CHAT_TEMPLATE.replace("<|end|>", "{{ eos_token }}")
+    out = data.encode_preferences(chat_tok, [data.PreferencePair(" note : the", " nice .", "bad")],
+                                  12, use_chat_template=True)
+    assert _tokens(chat_tok, out.chosen_ids[0], out.chosen_completion_mask[0]) == [
+        "nice", ".", "<eos>"]
+    assert _tokens(chat_tok, out.rejected_ids[0], out.rejected_attention_mask[0]) == [
+        "<|user|>", "note", ":", "the", "<eos>", "<|assistant|>", "bad", "<eos>"]
+
+  def test_prompt_tokens_are_the_same_in_every_encoding(self, chat_tok):
+    """The policy samples at RL time from the prompt tokens it was fine-tuned and scored on."""
+    prompts = SFT_PROMPTS[:2] + [HH_PAIR.prompt]
+    ppo = data.encode_prompts(chat_tok, prompts, 24, use_chat_template=True)
+    sft = data.encode_prompt_completion(chat_tok, prompts, ["nice ."] * 3, 40,
+                                        use_chat_template=True)
+    prefs = data.encode_preferences(chat_tok, [data.PreferencePair(p, "nice .", "bad .")
+                                               for p in prompts], 40, use_chat_template=True)
+    rows = [(sft.ids, sft.attention_mask, sft.completion_mask),
+            (prefs.chosen_ids, prefs.chosen_attention_mask, prefs.chosen_completion_mask),
+            (prefs.rejected_ids, prefs.rejected_attention_mask, prefs.rejected_completion_mask)]
+    for i in range(len(prompts)):
+      want = ppo.ids[i][ppo.mask[i] == 1]
+      for ids, attn, comp in rows:
+        np.testing.assert_array_equal(ids[i][(attn[i] - comp[i]) == 1], want)
+
+  def test_hh_dialogue_becomes_its_turns(self, chat_tok):
+    out = data.encode_preferences(chat_tok, [HH_PAIR], 40, use_chat_template=True)
+    prompt = out.chosen_attention_mask[0] - out.chosen_completion_mask[0]
+    assert _tokens(chat_tok, out.chosen_ids[0], prompt) == (
+        _turn("user", "note : the lamp looked") + _turn("assistant", "very nice .")
+        + _turn("user", "and the film !") + ["<|assistant|>"])
+    assert _tokens(chat_tok, out.rejected_ids[0], out.rejected_completion_mask[0]) == [
+        "dull", "!", "<|end|>", "<eos>"]
+
+  def test_hh_reply_with_further_turns_is_refused(self, chat_tok):
+    pair = data.PreferencePair(HH_PAIR.prompt, " good .\n\nHuman: and ?\n\nAssistant: nice", "bad")
+    with pytest.raises(data.DataError, match="example 0: the reply continues the HH dialogue"):
+      data.encode_preferences(chat_tok, [pair], 40, use_chat_template=True)
+
+  @pytest.mark.parametrize("encode", [
+      lambda tok: data.encode_prompt_completion(tok, SFT_PROMPTS, SFT_COMPLETIONS, 30,
+                                                use_chat_template=True),
+      lambda tok: data.encode_preferences(tok, [HH_PAIR, data.PreferencePair("", "a", "b")], 30,
+                                          use_chat_template=True)], ids=["sft", "pairs"])
+  def test_reply_without_a_prompt_is_refused(self, chat_tok, encode):
+    with pytest.raises(data.DataError, match=r"example \d: empty prompt: with use_chat_template"):
+      encode(chat_tok)
+
+  def test_template_whose_conversation_does_not_start_with_its_prompt_is_refused(self, chat_tok):
+    chat_tok.chat_template = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}",
+                                                   "<|assistant|> :{% endif %}")
+    with pytest.raises(data.DataError, match="does not start with the prompt as rendered for "
+                                             "generation"):
+      data.encode_prompt_completion(chat_tok, ["note"], ["nice"], 20, use_chat_template=True)
+
+  @pytest.mark.parametrize("encode", [
+      lambda tok: data.encode_prompt_completion(tok, ["note"], ["nice"], 8, use_chat_template=True),
+      lambda tok: data.encode_preferences(tok, [HH_PAIR], 8, use_chat_template=True)],
+                           ids=["sft", "pairs"])
+  def test_missing_template_is_refused(self, tok, encode):
+    with pytest.raises(ValueError, match="has no chat_template"):
+      encode(tok)
+
+  def test_without_the_flag_a_template_is_not_used(self, chat_tok):
+    out = data.encode_prompt_completion(chat_tok, SFT_PROMPTS, SFT_COMPLETIONS, 20)
+    for i, (p, c) in enumerate(zip(SFT_PROMPTS, SFT_COMPLETIONS)):
+      np.testing.assert_array_equal(out.ids[i], _ref_right(chat_tok, p, c, 20)[0])

@@ -11,9 +11,11 @@ import torch
 import transformers
 
 from experiments.configs import default as default_config
-from rlhf_jax import models, pipeline
+from rlhf_jax import data, models, pipeline
 from rlhf_jax.config_tree import from_config_dict
 from rlhf_jax.metrics import read_jsonl
+from rlhf_jax.trainers import ppo as ppo_trainer
+from rlhf_jax.trainers import reward, sft
 
 REQUIRED_KEYS = ("step", "reward_mean", "kl", "entropy", "approx_kl", "clipfrac", "value_loss",
                  "explained_variance", "tokens_per_s")
@@ -86,3 +88,47 @@ def test_max_steps_bounds_the_run(tmp_path, smoke_run):
   assert "eval_reward" in final   # evaluated once at the end
   with open(os.path.join(tmp_path, "ppo", "policy", "config.json")) as f:
     assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+
+
+def _spy(monkeypatch, module, name: str, calls: list) -> None:
+  """Records what `module.name` returns to the stages."""
+  fn = getattr(module, name)
+
+  def recorded(*args, **kwargs):
+    calls.append(fn(*args, **kwargs))
+    return calls[-1]
+  monkeypatch.setattr(module, name, recorded)
+
+
+def test_chat_template_reaches_every_stage(tmp_path, monkeypatch):
+  """--config.use_chat_template=True: the SFT rows, the reward model's pairs and the PPO prompts
+  are the template's turns, and the PPO samples show the policy was prompted with them."""
+  tok = data.build_tokenizer(data.vocabulary(), str(tmp_path / "tok"))
+  tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+  tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+                       "{{ eos_token }} {% endfor %}{% if add_generation_prompt %}<|assistant|>"
+                       "{% endif %}")
+  tok.save_pretrained(str(tmp_path / "tok"))
+  user, assistant = tok.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
+  sft_rows, pairs, prompts = [], [], []
+  _spy(monkeypatch, sft, "encode_examples", sft_rows)
+  _spy(monkeypatch, reward, "encode_pairs", pairs)
+  _spy(monkeypatch, ppo_trainer, "encode_prompts", prompts)
+  config = dataclasses.replace(smoke_config(max_steps=1, eval_every=0, max_prompt_len=16),
+                               use_chat_template=True, tokenizer_path=str(tmp_path / "tok"))
+  pipeline.run_all(config, str(tmp_path / "work"))
+
+  assert sft_rows and pairs
+  for rows in sft_rows:   # train and held-out: [<|user|> prompt <eos> <|assistant|> | reply <eos>]
+    start = np.argmax(rows["completion_mask"], axis=1)
+    np.testing.assert_array_equal(rows["ids"][np.arange(len(start)), start - 1], assistant)
+    assert (rows["ids"] == user).any(axis=1).all()
+  for rows in pairs:
+    for side in ("chosen", "rejected"):
+      ids = rows[f"{side}_ids"]
+      assert ((ids == user).any(axis=1) & (ids == assistant).any(axis=1)).all()
+  assert len(prompts) == 2   # train and eval prompts, each ending in the generation prompt
+  for enc in prompts:
+    np.testing.assert_array_equal(enc.ids[:, -1], assistant)
+  with open(os.path.join(tmp_path, "work", "ppo", "samples.md")) as f:
+    assert "<|user|>" in f.read()

@@ -80,6 +80,27 @@ def test_kto_rows_pair_each_prompt_with_the_previous_chosen_completion(tokenizer
   assert "kl_ids" not in dpo.encode_pairs(tokenizer, pairs, _cfg())
 
 
+def test_chat_template_renders_the_pairs_kto_rows_and_eval_prompts(tmp_path, task):
+  tok = data.build_tokenizer(data.vocabulary(), str(tmp_path / "tok"))
+  tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}: {% endif %}"
+                       "{{ m['content'] }} {{ eos_token }} {% endfor %}"
+                       "{% if add_generation_prompt %}:{% endif %}")
+  pairs = task.preferences[:4]
+  prompts = [p.prompt for p in pairs]
+  cfg = _cfg(loss=PreferenceLossConfig("kto"), num_eval_prompts=4)
+  batch = dpo.encode_pairs(tok, pairs, cfg, use_chat_template=True)
+  want = data.encode_preferences(tok, pairs, cfg.max_len, use_chat_template=True)
+  kl = data.encode_prompt_completion(tok, prompts, [pairs[i - 1].chosen for i in range(4)],
+                                     cfg.max_len, use_chat_template=True)
+  for key, value in (("chosen_ids", want.chosen_ids), ("rejected_ids", want.rejected_ids),
+                     ("kl_ids", kl.ids), ("kl_completion_mask", kl.completion_mask)):
+    np.testing.assert_array_equal(batch[key], value)
+  ids, mask = dpo.prompt_arrays(tok, prompts, {}, cfg, use_chat_template=True)
+  np.testing.assert_array_equal(ids, data.encode_prompts(tok, prompts, cfg.max_prompt_len,
+                                                         use_chat_template=True).ids)
+  assert (ids[:, -2:] == [tok.eos_token_id, tok.convert_tokens_to_ids(":")]).all()
+
+
 def test_another_reference_policy_gives_the_first_rewards(tokenizer, task):
   """The seam a LoRA policy uses (its reference: the base with adapters off): with a reference
   other than the policy, the first step's rewards are beta times the log-ratio to it."""

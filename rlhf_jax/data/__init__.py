@@ -1,5 +1,6 @@
 """Data layer: loaders, tokenisation, prompt batching and the embedded default task."""
 
+from rlhf_jax.data.chat import has_chat_template
 from rlhf_jax.data.errors import DataError
 from rlhf_jax.data.iterator import PromptIterator
 from rlhf_jax.data.loaders import detect_format

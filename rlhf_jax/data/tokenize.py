@@ -11,6 +11,12 @@ TL;DR Summarization", Huang et al. 2024):
     and counted with `drop_overlong=True`.
   - The pad token must differ from EOS: rewards and values are read at the EOS
     index and padded positions are masked, which is ambiguous if they share an id.
+  - A prompt encodes to the same tokens in every encoding (PPO prompts, SFT and
+    preference rows), so the policy samples from the prompts it was trained on.
+    With `use_chat_template` prompts and replies are rendered through the
+    tokenizer's chat template first (`rlhf_jax.data.chat`) and encoded without
+    the tokenizer's special tokens (the template writes them, BOS included), as
+    `apply_chat_template(tokenize=True)` does.
 
 All arrays are int32 with 1 = real token in masks. Works with any
 `transformers` tokenizer (PreTrainedTokenizerFast / TokenizersBackend).
@@ -24,6 +30,7 @@ from typing import Any, NamedTuple
 from absl import logging
 import numpy as np
 
+from rlhf_jax.data import chat
 from rlhf_jax.data.errors import DataError
 from rlhf_jax.data.loaders import PreferencePair
 
@@ -135,33 +142,39 @@ def _token_lists(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool)
   return list(tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def _render(tokenizer: Any, prompts: Sequence[str], replies: Sequence[Sequence[str]],
+            use_chat_template: bool) -> tuple[list[str], list[list[str]], bool]:
+  """(prompt texts, each side's reply texts, whether the prompts take the tokenizer's special
+  tokens): as given (replies without special tokens, e.g. no BOS mid-row), or rendered through
+  the chat template, which writes the special tokens itself."""
+  if not use_chat_template:
+    return list(prompts), [list(side) for side in replies], True
+  heads = chat.render_prompts(tokenizer, prompts)
+  return heads, [chat.render_replies(tokenizer, prompts, side, heads) for side in replies], False
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_len: int,
                    use_chat_template: bool = False) -> EncodedPrompts:
   """Tokenises prompts into left-padded, left-truncated int32 arrays of width `max_prompt_len`.
 
   Without a chat template the prompt is encoded with the tokenizer's special
-  tokens (e.g. BOS). With `use_chat_template` it is rendered as one user message
-  with `add_generation_prompt=True` and encoded without adding special tokens
-  (the template writes them). Truncation keeps the last `max_prompt_len` tokens.
+  tokens (e.g. BOS). With `use_chat_template` it is rendered as the user turn (an
+  HH dialogue as its turns) with the generation prompt (`chat.render_prompts`)
+  and encoded without adding special tokens. Truncation keeps the last
+  `max_prompt_len` tokens.
 
   Raises:
     ValueError: bad tokenizer (see `check_tokenizer`), no prompts, a prompt
       with no tokens, or `use_chat_template` on a tokenizer without a template.
+    DataError: with `use_chat_template`, a prompt the template cannot render.
   """
   check_tokenizer(tokenizer)
   if max_prompt_len < 1:
     raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
   if not prompts:
     raise ValueError("no prompts to encode")
-  if use_chat_template:
-    if not getattr(tokenizer, "chat_template", None):
-      raise ValueError(f"use_chat_template=True but tokenizer {tokenizer.name_or_path!r} "
-                       "has no chat_template")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
-    tokens = _token_lists(tokenizer, texts, add_special_tokens=False)
-  else:
-    tokens = _token_lists(tokenizer, prompts, add_special_tokens=True)
+  texts, _, special = _render(tokenizer, prompts, (), use_chat_template)
+  tokens = _token_lists(tokenizer, texts, add_special_tokens=special)
   ids = np.full((len(tokens), max_prompt_len), tokenizer.pad_token_id, np.int32)
   mask = np.zeros((len(tokens), max_prompt_len), np.int32)
   num_truncated = 0
@@ -228,19 +241,24 @@ def _pack_right(prompt_tokens: Sequence[list[int]], completion_tokens: Sequence[
 
 
 def encode_prompt_completion(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str],
-                             max_len: int, append_eos: bool = True,
-                             drop_overlong: bool = False) -> EncodedCompletions:
+                             max_len: int, append_eos: bool = True, drop_overlong: bool = False,
+                             use_chat_template: bool = False) -> EncodedCompletions:
   """Tokenises (prompt, completion) pairs into right-padded int32 arrays of width `max_len`.
 
   Prompt and completion are tokenised separately (prompt with special tokens,
   completion without, EOS appended), as the policy sees them at generation
-  time. Row layout: [prompt | completion | EOS | pad...]. When the sum exceeds
-  max_len the prompt is left-truncated; a completion (with EOS) longer than
-  max_len raises DataError, or with `drop_overlong` the example is dropped and
-  counted (`kept` maps rows back to inputs).
+  time. Row layout: [prompt | completion | EOS | pad...]. With
+  `use_chat_template` the prompt is `encode_prompts`' rendering and the
+  completion the assistant turn the template writes for it
+  (`chat.render_replies`), its end-of-turn token included, then one EOS. When
+  the sum exceeds max_len the prompt is left-truncated; a completion (with EOS)
+  longer than max_len raises DataError, or with `drop_overlong` the example is
+  dropped and counted (`kept` maps rows back to inputs).
 
   Raises:
-    DataError: an over-long completion without `drop_overlong`.
+    DataError: an over-long completion without `drop_overlong`; with
+      `use_chat_template`, an example the template cannot render as a prompt
+      and its reply.
     ValueError: bad tokenizer, mismatched lengths, no examples, or all dropped.
   """
   check_tokenizer(tokenizer)
@@ -248,12 +266,13 @@ def encode_prompt_completion(tokenizer: Any, prompts: Sequence[str], completions
     raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
   if not prompts:
     raise ValueError("no examples to encode")
+  texts, (completions,), special = _render(tokenizer, prompts, (completions,), use_chat_template)
   completion_tokens = _completion_tokens(tokenizer, completions, append_eos)
   fits = _fits(completion_tokens, max_len, drop_overlong, "completion")
   kept = np.flatnonzero(fits).astype(np.int32)
   if not kept.size:
     raise ValueError(f"all {len(prompts)} completions are longer than max_len {max_len}")
-  prompt_tokens = _token_lists(tokenizer, [prompts[i] for i in kept], add_special_tokens=True)
+  prompt_tokens = _token_lists(tokenizer, [texts[i] for i in kept], add_special_tokens=special)
   ids, attention_mask, completion_mask, truncated = _pack_right(
       prompt_tokens, [completion_tokens[i] for i in kept], max_len, tokenizer.pad_token_id)
   num_truncated = int(truncated.sum())
@@ -266,9 +285,11 @@ def encode_prompt_completion(tokenizer: Any, prompts: Sequence[str], completions
 
 
 def encode_preferences(tokenizer: Any, pairs: Sequence[PreferencePair], max_len: int,
-                       append_eos: bool = True,
-                       drop_overlong: bool = False) -> EncodedPreferences:
-  """Encodes chosen and rejected sides of preference pairs like `encode_prompt_completion`.
+                       append_eos: bool = True, drop_overlong: bool = False,
+                       use_chat_template: bool = False) -> EncodedPreferences:
+  """Encodes chosen and rejected sides of preference pairs like `encode_prompt_completion`,
+  `use_chat_template` included (where a pair with prompt "", neither a prompt field nor an HH
+  dialogue, is refused: its reply would answer no user turn).
 
   Both sides of a pair share its prompt; a pair is dropped (with
   `drop_overlong`) when either completion does not fit, so row m of the chosen
@@ -279,15 +300,16 @@ def encode_preferences(tokenizer: Any, pairs: Sequence[PreferencePair], max_len:
   check_tokenizer(tokenizer)
   if not pairs:
     raise ValueError("no preference pairs to encode")
-  chosen = _completion_tokens(tokenizer, [p.chosen for p in pairs], append_eos)
-  rejected = _completion_tokens(tokenizer, [p.rejected for p in pairs], append_eos)
+  texts, sides, special = _render(tokenizer, [p.prompt for p in pairs],
+                                  ([p.chosen for p in pairs], [p.rejected for p in pairs]),
+                                  use_chat_template)
+  chosen, rejected = (_completion_tokens(tokenizer, side, append_eos) for side in sides)
   fits = (_fits(chosen, max_len, drop_overlong, "chosen completion")
           & _fits(rejected, max_len, drop_overlong, "rejected completion"))
   kept = np.flatnonzero(fits).astype(np.int32)
   if not kept.size:
     raise ValueError(f"all {len(pairs)} pairs have a completion longer than max_len {max_len}")
-  prompt_tokens = _token_lists(tokenizer, [pairs[i].prompt for i in kept],
-                               add_special_tokens=True)
+  prompt_tokens = _token_lists(tokenizer, [texts[i] for i in kept], add_special_tokens=special)
   c_ids, c_attn, c_comp, c_truncated = _pack_right(
       prompt_tokens, [chosen[i] for i in kept], max_len, tokenizer.pad_token_id)
   r_ids, r_attn, r_comp, r_truncated = _pack_right(

@@ -68,18 +68,22 @@ def _sides(loss_cfg: PreferenceLossConfig) -> tuple[str, ...]:
   return ("chosen", "rejected", "kl") if loss_cfg.needs_kl_rows else ("chosen", "rejected")
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[data.PreferencePair],
-                 cfg: DPOConfig) -> trainers.Batch:
+def encode_pairs(tokenizer: Any, pairs: Sequence[data.PreferencePair], cfg: DPOConfig,
+                 use_chat_template: bool = False) -> trainers.Batch:
   """int32 [N, max_len] "{side}_ids", "{side}_attention_mask" and "{side}_completion_mask" for
   side in chosen, rejected (row m of both is the same pair), and for kto "kl": pair m's prompt
-  followed by pair m-1's chosen completion (TRL's mismatched KL rows, fixed at encoding)."""
-  enc = data.encode_preferences(tokenizer, pairs, cfg.max_len, drop_overlong=cfg.drop_overlong)
+  followed by pair m-1's chosen completion (TRL's mismatched KL rows, fixed at encoding).
+  `use_chat_template`: every row through the tokenizer's chat template
+  (`data.encode_preferences`)."""
+  enc = data.encode_preferences(tokenizer, pairs, cfg.max_len, drop_overlong=cfg.drop_overlong,
+                                use_chat_template=use_chat_template)
   out = {f"{side}_{k}": getattr(enc, f"{side}_{k}") for side in ("chosen", "rejected")
          for k in ("ids", "attention_mask", "completion_mask")}
   if cfg.loss.needs_kl_rows:
     kept = [pairs[i] for i in enc.kept]
     kl = data.encode_prompt_completion(
-        tokenizer, [p.prompt for p in kept], [p.chosen for p in kept[-1:] + kept[:-1]], cfg.max_len)
+        tokenizer, [p.prompt for p in kept], [p.chosen for p in kept[-1:] + kept[:-1]], cfg.max_len,
+        use_chat_template=use_chat_template)
     out.update(kl_ids=kl.ids, kl_attention_mask=kl.attention_mask,
                kl_completion_mask=kl.completion_mask)
   return out
@@ -150,12 +154,14 @@ def make_pair_evaluator(graphdef: nnx.GraphDef, arrays: trainers.Batch,
 
 
 def prompt_arrays(tokenizer: Any, prompts: Sequence[str], held_out: trainers.Batch,
-                  cfg: DPOConfig) -> tuple[np.ndarray, np.ndarray]:
+                  cfg: DPOConfig, use_chat_template: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Left-padded int32 [M, max_prompt_len] (ids, mask) of the first `cfg.num_eval_prompts`
-  prompts: `prompts` encoded, or without them the distinct prompts of the held-out pairs, taken
-  from their token rows (no decode/encode round trip), left-truncated like `encode_prompts`."""
+  prompts: `prompts` encoded (`use_chat_template` as the pairs were), or without them the
+  distinct prompts of the held-out pairs, taken from their token rows (no decode/encode round
+  trip), left-truncated like `encode_prompts`."""
   if prompts:
-    enc = data.encode_prompts(tokenizer, list(prompts)[:cfg.num_eval_prompts], cfg.max_prompt_len)
+    enc = data.encode_prompts(tokenizer, list(prompts)[:cfg.num_eval_prompts], cfg.max_prompt_len,
+                              use_chat_template=use_chat_template)
     return enc.ids, enc.mask
   rows = evaluation.valid_rows(held_out["chosen_ids"], held_out["chosen_attention_mask"]
                                - held_out["chosen_completion_mask"])
@@ -234,7 +240,7 @@ def train_dpo(policy: CausalLM, tokenizer: Any, pairs: Sequence[data.PreferenceP
               eval_pairs: Sequence[data.PreferencePair] | None = None,
               eval_prompts: Sequence[str] = (), gold_fn: Callable[[str], float] | None = None,
               ref_policy: CausalLM | None = None, checkpoint_dir: str | None = None,
-              writer: MetricsWriter | None = None,
+              writer: MetricsWriter | None = None, use_chat_template: bool = False,
               ) -> tuple[CausalLM, list[trainers.Metrics], dict[str, Any]]:
   """Optimises `policy` on preference pairs with the loss `cfg.loss.name`.
 
@@ -251,6 +257,8 @@ def train_dpo(policy: CausalLM, tokenizer: Any, pairs: Sequence[data.PreferenceP
     ref_policy: The frozen reference (same graph as `policy`); None: `policy` as given.
     checkpoint_dir, writer: Checkpoints and resumption (see `trainers.fit`); the reference
       log-probs are recomputed on resume, deterministically.
+    use_chat_template: Render the pairs and `eval_prompts` through the tokenizer's chat
+      template, as the SFT demonstrations were.
 
   Returns:
     (trained policy, history, final evaluation). History: per-step "loss" and the loss's aux
@@ -261,7 +269,7 @@ def train_dpo(policy: CausalLM, tokenizer: Any, pairs: Sequence[data.PreferenceP
     with its "samples" ({} without held-out pairs or prompts).
   """
   train, held_out = trainers.train_eval_arrays(
-      lambda items: encode_pairs(tokenizer, items, cfg), pairs, eval_pairs, cfg,
+      lambda items: encode_pairs(tokenizer, items, cfg, use_chat_template), pairs, eval_pairs, cfg,
       policy.cfg.vocab_size)
   graphdef, params = nnx.split(policy)
   ref_params = params if ref_policy is None else nnx.state(ref_policy)
@@ -276,7 +284,7 @@ def train_dpo(policy: CausalLM, tokenizer: Any, pairs: Sequence[data.PreferenceP
                if has_held_out else None)
   generation = None
   if cfg.num_eval_prompts and (eval_prompts or has_held_out):
-    ids, mask = prompt_arrays(tokenizer, eval_prompts, held_out, cfg)
+    ids, mask = prompt_arrays(tokenizer, eval_prompts, held_out, cfg, use_chat_template)
     generation = make_generation_evaluator(graphdef, ref_params, tokenizer, ids, mask, cfg,
                                            gold_fn, mesh)
   samples: list[dict[str, Any]] = []

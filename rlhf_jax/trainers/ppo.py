@@ -50,13 +50,15 @@ class PPOTrainer:
     writer: MetricsWriter for per-iteration and eval records.
     checkpoint_dir: Where checkpoints go; when it holds one, training resumes from the newest
       (state, prompt position, reward normalisation) and the writer drops records logged after it.
+    use_chat_template: Render the prompts through the tokenizer's chat template (a user turn
+      and the generation prompt, `data.encode_prompts`), as the SFT and reward data were.
   """
 
   def __init__(self, cfg: PPOTrainerConfig, policy, tokenizer, train_prompts: list[str],
                eval_prompts: list[str], *, reward_fn: RewardFn, reward_params: Any,
                value_model=None, ref_policy=None, gold_fn: Callable[[str], float] | None = None,
                mesh=None, writer: MetricsWriter | None = None,
-               checkpoint_dir: str | None = None):
+               checkpoint_dir: str | None = None, use_chat_template: bool = False):
     self.cfg = cfg
     self.tokenizer = tokenizer
     self.writer = writer
@@ -65,7 +67,7 @@ class PPOTrainer:
         tokenizer.eos_token_id, tokenizer.pad_token_id))
     self.algo.sampling.check_special_tokens()
     self._check_model(policy)
-    self._encode_prompts(train_prompts)
+    self._encode_prompts(train_prompts, use_chat_template)
     self._place_models(policy, ref_policy, value_model, reward_params)
     if not eval_prompts:   # evaluation still runs (final metrics, threshold, monitor)
       logging.warning("no evaluation prompts: evaluating on the first %d training prompts, so "
@@ -74,7 +76,7 @@ class PPOTrainer:
     self.evaluator = PPOEvaluator(
         cfg, self.algo, tokenizer, eval_prompts, policy_graphdef=self.state.policy_graphdef,
         ref_graphdef=self.ref_graphdef, reward_fn=reward_fn, mesh=self.mesh, gold_fn=gold_fn,
-        writer=writer)
+        writer=writer, use_chat_template=use_chat_template)
     on_mesh = functools.partial(sharding_lib.on_mesh, self.mesh)
     self._collect = on_mesh(jax.jit(functools.partial(
         collect, self.algo, ref_graphdef=self.ref_graphdef, reward_fn=reward_fn)))
@@ -101,9 +103,9 @@ class PPOTrainer:
                        f"{cfg.sampling.max_new_tokens} exceeds the policy's "
                        f"max_position_embeddings = {policy.cfg.max_position_embeddings}")
 
-  def _encode_prompts(self, train_prompts: list[str]) -> None:
+  def _encode_prompts(self, train_prompts: list[str], use_chat_template: bool) -> None:
     cfg = self.cfg
-    enc = encode_prompts(self.tokenizer, train_prompts, cfg.max_prompt_len)
+    enc = encode_prompts(self.tokenizer, train_prompts, cfg.max_prompt_len, use_chat_template)
     if enc.num_truncated:
       logging.warning("%d of %d train prompts were longer than max_prompt_len=%d and were "
                       "left-truncated", enc.num_truncated, len(train_prompts), cfg.max_prompt_len)

@@ -38,16 +38,20 @@ class PPOEvaluator:
     mesh: Device mesh of the run.
     gold_fn: Optional text -> score of a judge the policy never sees (logged as gold_score).
     writer: MetricsWriter the sample table goes to.
+    use_chat_template: Render the prompts through the tokenizer's chat template, as the
+      trainer's training prompts are.
   """
 
   def __init__(self, cfg, algo: ppo_lib.PPOConfig, tokenizer, prompts: list[str], *,
                policy_graphdef, ref_graphdef, reward_fn: RewardFn, mesh,
-               gold_fn: Callable[[str], float] | None = None, writer: MetricsWriter | None = None):
+               gold_fn: Callable[[str], float] | None = None, writer: MetricsWriter | None = None,
+               use_chat_template: bool = False):
     self.cfg, self.algo, self.tokenizer = cfg, algo, tokenizer
     self.gold_fn, self.writer = gold_fn, writer
     self.policy_graphdef, self.ref_graphdef = policy_graphdef, ref_graphdef
     self.reward_fn = reward_fn
-    enc = encode_prompts(tokenizer, prompts[:cfg.num_eval_prompts], cfg.max_prompt_len)
+    enc = encode_prompts(tokenizer, prompts[:cfg.num_eval_prompts], cfg.max_prompt_len,
+                         use_chat_template)
     self.ids, self.mask = enc.ids, enc.mask
     # Replicated outputs: every process decodes all evaluation rows on the host.
     self._rollouts = sharding_lib.on_mesh(mesh, jax.jit(

@@ -41,11 +41,13 @@ class RewardConfig(trainers.TrainerConfig):
       raise ValueError(f"center_coef must be >= 0, got {self.center_coef}")
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[data.PreferencePair],
-                 cfg: RewardConfig) -> trainers.Batch:
+def encode_pairs(tokenizer: Any, pairs: Sequence[data.PreferencePair], cfg: RewardConfig,
+                 use_chat_template: bool = False) -> trainers.Batch:
   """int32 [N, max_len] "chosen_ids", "chosen_attention_mask", "rejected_ids" and
-  "rejected_attention_mask"; row m of both sides is the same pair, each ending in EOS."""
-  enc = data.encode_preferences(tokenizer, pairs, cfg.max_len, drop_overlong=cfg.drop_overlong)
+  "rejected_attention_mask"; row m of both sides is the same pair, each ending in EOS (with
+  `use_chat_template`: the template's turns, `data.encode_preferences`)."""
+  enc = data.encode_preferences(tokenizer, pairs, cfg.max_len, drop_overlong=cfg.drop_overlong,
+                                use_chat_template=use_chat_template)
   return {"chosen_ids": enc.chosen_ids, "chosen_attention_mask": enc.chosen_attention_mask,
           "rejected_ids": enc.rejected_ids, "rejected_attention_mask": enc.rejected_attention_mask}
 
@@ -89,6 +91,7 @@ def train_reward_model(model: ScalarModel, tokenizer: Any, pairs: Sequence[data.
                        log_fn: trainers.LogFn | None = None,
                        eval_pairs: Sequence[data.PreferencePair] | None = None,
                        checkpoint_dir: str | None = None, writer: MetricsWriter | None = None,
+                       use_chat_template: bool = False,
                        ) -> tuple[ScalarModel, list[trainers.Metrics], trainers.Metrics]:
   """Trains `model` to score chosen above rejected completions.
 
@@ -102,6 +105,8 @@ def train_reward_model(model: ScalarModel, tokenizer: Any, pairs: Sequence[data.
     log_fn: `log_fn(step, metrics)` at logging and evaluation steps.
     eval_pairs: Explicit held-out pairs (then nothing is split off `pairs`).
     checkpoint_dir, writer: Checkpoints and resumption (see `trainers.fit`).
+    use_chat_template: Render the pairs through the tokenizer's chat template, as the PPO
+      prompts are, so PPO's rollouts are scored in the format the model learned.
 
   Returns:
     (trained model, history, eval_metrics). History: per-step "loss", "accuracy", "margin_mean",
@@ -112,7 +117,7 @@ def train_reward_model(model: ScalarModel, tokenizer: Any, pairs: Sequence[data.
   if model.cfg.num_labels != 1:
     raise ValueError(f"a reward model needs num_labels=1, got {model.cfg.num_labels}")
   train, held_out = trainers.train_eval_arrays(
-      lambda items: encode_pairs(tokenizer, items, cfg), pairs, eval_pairs, cfg,
+      lambda items: encode_pairs(tokenizer, items, cfg, use_chat_template), pairs, eval_pairs, cfg,
       model.cfg.vocab_size)
   graphdef, params = nnx.split(model)
   evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh, cfg.length_buckets)

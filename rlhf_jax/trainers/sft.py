@@ -31,12 +31,14 @@ class SFTConfig(trainers.TrainerConfig):
   """
 
 
-def encode_examples(tokenizer: Any, examples: Sequence[data.SFTExample],
-                    cfg: SFTConfig) -> trainers.Batch:
-  """int32 [N, max_len] "ids", "attention_mask" and "completion_mask" of right-padded rows."""
+def encode_examples(tokenizer: Any, examples: Sequence[data.SFTExample], cfg: SFTConfig,
+                    use_chat_template: bool = False) -> trainers.Batch:
+  """int32 [N, max_len] "ids", "attention_mask" and "completion_mask" of right-padded rows
+  (with `use_chat_template`: the template's user and assistant turns,
+  `data.encode_prompt_completion`)."""
   enc = data.encode_prompt_completion(
       tokenizer, [e.prompt for e in examples], [e.completion for e in examples], cfg.max_len,
-      drop_overlong=cfg.drop_overlong)
+      drop_overlong=cfg.drop_overlong, use_chat_template=use_chat_template)
   return {"ids": enc.ids, "attention_mask": enc.attention_mask,
           "completion_mask": enc.completion_mask}
 
@@ -77,7 +79,7 @@ def train_sft(model: CausalLM, tokenizer: Any, examples: Sequence[data.SFTExampl
               cfg: SFTConfig, mesh: Mesh | None = None, log_fn: trainers.LogFn | None = None,
               eval_examples: Sequence[data.SFTExample] | None = None,
               checkpoint_dir: str | None = None, writer: MetricsWriter | None = None,
-              ) -> tuple[CausalLM, list[trainers.Metrics]]:
+              use_chat_template: bool = False) -> tuple[CausalLM, list[trainers.Metrics]]:
   """Fine-tunes `model` on `examples` with the completion-only next-token loss.
 
   Args:
@@ -90,14 +92,16 @@ def train_sft(model: CausalLM, tokenizer: Any, examples: Sequence[data.SFTExampl
     log_fn: `log_fn(step, metrics)` at logging and evaluation steps.
     eval_examples: Explicit held-out demonstrations (then nothing is split off `examples`).
     checkpoint_dir, writer: Checkpoints and resumption (see `trainers.fit`).
+    use_chat_template: Render the demonstrations through the tokenizer's chat template, as
+      the PPO prompts are (`data.encode_prompt_completion`).
 
   Returns:
     (trained model, history): per-step "loss", "token_accuracy", "num_tokens", "grad_norm",
     "learning_rate", "tokens_per_s"; evaluation steps add "eval_loss" and "eval_token_accuracy".
   """
   train, held_out = trainers.train_eval_arrays(
-      lambda items: encode_examples(tokenizer, items, cfg), examples, eval_examples, cfg,
-      model.cfg.vocab_size)
+      lambda items: encode_examples(tokenizer, items, cfg, use_chat_template), examples,
+      eval_examples, cfg, model.cfg.vocab_size)
   graphdef, params = nnx.split(model)
   evaluate = (make_evaluator(graphdef, held_out, cfg.batch_size, mesh, cfg.length_buckets)
               if trainers.num_rows(held_out) else None)
