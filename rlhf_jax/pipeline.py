@@ -9,10 +9,8 @@ from paths in the config (or what the previous stage wrote into the workdir) and
 checkpoints, so stages can run alone, in order, or on users' own checkpoints and data.
 """
 
-import dataclasses
 import functools
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +23,7 @@ from rlhf_jax import data as data_lib
 from rlhf_jax import checkpointing, evaluation, fileio, models, preflight, sharding
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax import stages as stages_lib
-from rlhf_jax.data import arithmetic
+from rlhf_jax import tasks
 from rlhf_jax.experiment import ExperimentConfig, Paths, TaskConfig  # noqa: F401  (the API)
 from rlhf_jax.metrics import MetricsWriter, plot_curves, read_jsonl
 from rlhf_jax.models import lora
@@ -45,57 +43,6 @@ DPO_PLOT_KEYS = ["loss", ("eval_reward_accuracy", "eval_gold_score"), "eval_rewa
 
 def make_mesh(config: ExperimentConfig) -> jax.sharding.Mesh:
   return sharding.make_mesh(tuple(config.mesh_shape))
-
-
-def _default_task(config: ExperimentConfig, paths: Paths) -> tuple[ExperimentConfig, dict]:
-  """The config pointed at the built-in task's data files in the workdir, and those files'
-  contents {path: bytes}, not yet written: a run refused for a changed setting leaves the workdir
-  as it was. The tokenizer (the same for every task seed) is built when missing."""
-  t = config.task
-  if t.name == "default":
-    task = data_lib.make_default_task(
-        seed=t.seed, n_sft=max(t.num_sft, 1), n_pairs=t.num_pairs, n_prompts=t.num_prompts,
-        n_eval_prompts=config.ppo.num_eval_prompts, label_temperature=t.label_temperature)
-    words = data_lib.vocabulary()
-  elif t.name == "arithmetic":
-    task = arithmetic.make_arithmetic_task(
-        seed=t.seed, n_sft=max(t.num_sft, 1), n_prompts=t.num_prompts,
-        n_eval_prompts=config.ppo.num_eval_prompts, max_operand=t.max_operand,
-        sft_noise=t.sft_noise)
-    words = arithmetic.vocabulary(t.max_operand)
-  else:
-    return config, {}
-  contents = {}
-  with tempfile.TemporaryDirectory() as tmp:
-    for f in data_lib.write_default_task(task, tmp):
-      with open(f, "rb") as fh:
-        contents[os.path.join(paths.data, os.path.basename(f))] = fh.read()
-  files = data_lib.DefaultTaskFiles(*contents)
-  if jax.process_index() == 0 and not os.path.isdir(paths.tokenizer):
-    data_lib.build_tokenizer(words, paths.tokenizer)
-  return dataclasses.replace(
-      config, sft_data=config.sft_data or files.sft,
-      preferences=config.preferences or files.preferences,
-      prompts=config.prompts or files.train_prompts,
-      eval_prompts=config.eval_prompts or files.eval_prompts,
-      tokenizer_path=config.tokenizer_path or paths.tokenizer), contents
-
-
-def _write_task(contents: dict[str, bytes]) -> None:
-  """Writes the files whose content differs from what is on disk (a rerun touches none)."""
-  if jax.process_index() != 0:
-    return
-  for path, data in contents.items():
-    if fileio.content_hash(path) != fileio.bytes_hash(data):
-      fileio.write_atomic(path, data)
-
-
-def prepare_default_task(config: ExperimentConfig, paths: Paths) -> ExperimentConfig:
-  """Writes the built-in task's data files and tokenizer into the workdir; returns the config
-  pointed at them, so the default run reads data through the same loaders as users' files."""
-  config, contents = _default_task(config, paths)
-  _write_task(contents)
-  return config
 
 
 def load_tokenizer(config: ExperimentConfig):
@@ -185,7 +132,7 @@ def _train_ppo(config: ExperimentConfig, paths: Paths, policy_path: str,
            if config.ppo.critic_impl.needs_value_model else None)
   reward_fn = rewards_lib.make_reward_fn(config.ppo.rewards, tokenizer=tokenizer,
                                          reward_graphdef=reward_graphdef)
-  gold_fn = _gold_fn(config)
+  gold_fn = tasks.gold_fn(config)
   writer = MetricsWriter(paths.ppo, "metrics")
   trainer = PPOTrainer(
       config.ppo, policy, tokenizer, data_lib.load_prompts(config.prompts),
@@ -210,12 +157,6 @@ def _train_ppo(config: ExperimentConfig, paths: Paths, policy_path: str,
   return final
 
 
-def _gold_fn(config: ExperimentConfig):
-  """The judge the policy never sees: `config.gold_judge`, the built-in task's labeler, or None."""
-  return (evaluation.load_gold_judge(config.gold_judge) if config.gold_judge
-          else data_lib.gold_score if config.task.name == "default" else None)
-
-
 def _train_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict:
   """Stage 2 of the "dpo" method: preference optimisation (`config.dpo`) of the SFT policy on
   the preference pairs, its reference the SFT policy; writes <workdir>/dpo (the policy's Hugging
@@ -228,7 +169,7 @@ def _train_dpo(config: ExperimentConfig, paths: Paths, policy_path: str) -> dict
   writer = MetricsWriter(paths.dpo, "metrics")
   policy, history, final = train_dpo(policy, tokenizer, pairs, config.dpo, mesh=make_mesh(config),
                                      log_fn=writer.write, eval_prompts=prompts,
-                                     gold_fn=_gold_fn(config),
+                                     gold_fn=tasks.gold_fn(config),
                                      checkpoint_dir=_checkpoints(paths.dpo), writer=writer,
                                      use_chat_template=config.use_chat_template)
   writer.write(history[-1]["step"], {f"final_{k}": v for k, v in final.items() if k != "samples"})
@@ -344,9 +285,9 @@ def _execute(config: ExperimentConfig, paths: Paths,
   """Runs `plan`'s stages (`stages_lib.run`), the built-in task's files written only once every
   stage has been checked."""
   os.makedirs(paths.workdir, exist_ok=True)
-  config, pending = _default_task(config, paths)
+  config, pending = tasks.materialize(config, paths)
   return stages_lib.run(plan(config, functools.partial(_input_hash, pending)), config.overwrite,
-                        before=lambda: _write_task(pending))
+                        before=lambda: tasks.write(pending))
 
 
 def run_sft(config: ExperimentConfig, paths: Paths) -> str:

@@ -85,7 +85,7 @@ def _check_pair_stage(config: Any, stage: str, encode, tokenizer, policy: _Model
 
 def _data_path(config: Any, field: str) -> str | None:
   """A stage's data file (`config.<field>`), or None for the built-in task's, which
-  `pipeline.prepare_default_task` writes later."""
+  `tasks.prepare` writes later."""
   path = getattr(config, field)
   if path or config.task.name:   # a built-in task
     return path or None
@@ -95,7 +95,7 @@ def _data_path(config: Any, field: str) -> str | None:
 
 def _tokenizer(config: Any, workdir: str):
   """The tokenizer the stages will load; the built-in task's is built in memory when the
-  workdir has none yet (`pipeline.prepare_default_task` writes it)."""
+  workdir has none yet (`tasks.prepare` writes it)."""
   path = config.tokenizer_path
   if not path and config.task.name:   # a built-in task
     path = os.path.join(workdir, "tokenizer")

@@ -10,7 +10,7 @@ import tiny_ppo
 from flax import nnx
 
 from experiments.configs import default as default_config
-from rlhf_jax import data, models, pipeline, sharding
+from rlhf_jax import data, models, pipeline, sharding, tasks
 from rlhf_jax.config_tree import from_config_dict
 from rlhf_jax.metrics import MetricsWriter, read_jsonl
 from rlhf_jax.optim import OptimConfig
@@ -34,14 +34,14 @@ def _shrunk_config(variant: str = "default") -> pipeline.ExperimentConfig:
 def base(tmp_path_factory):
   """The shrunk task's SFT policy and reward model, trained once (the variants share them)."""
   paths = pipeline.Paths(str(tmp_path_factory.mktemp("base")))
-  config = pipeline.prepare_default_task(_shrunk_config(), paths)
+  config = tasks.prepare(_shrunk_config(), paths)
   policy = pipeline.run_sft(config, paths)
   return policy, pipeline.run_reward(config, paths, policy)
 
 
 def _evaluations(tmp_path, base, variant: str) -> list[dict]:
   paths = pipeline.Paths(str(tmp_path))
-  pipeline.run_ppo(pipeline.prepare_default_task(_shrunk_config(variant), paths), paths, *base)
+  pipeline.run_ppo(tasks.prepare(_shrunk_config(variant), paths), paths, *base)
   return [r for r in read_jsonl(os.path.join(paths.ppo, "metrics.jsonl"))
           if "gold_score" in r and "reward_mean" in r]
 

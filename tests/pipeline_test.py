@@ -11,10 +11,11 @@ import torch
 import transformers
 
 from experiments.configs import default as default_config
-from rlhf_jax import data, models, pipeline
+from rlhf_jax import data, models, pipeline, tasks
 from rlhf_jax.config_tree import from_config_dict
 from rlhf_jax.metrics import read_jsonl
 from rlhf_jax.trainers import ppo as ppo_trainer
+from rlhf_jax.trainers import ppo_eval
 from rlhf_jax.trainers import reward, sft
 
 REQUIRED_KEYS = ("step", "reward_mean", "kl", "entropy", "approx_kl", "clipfrac", "value_loss",
@@ -70,7 +71,7 @@ def test_reward_threshold_stops_early(tmp_path, smoke_run):
   config = smoke_config(max_steps=50, eval_every=1,
                         reward_threshold=-1e9)   # met at the first evaluation
   paths = pipeline.Paths(str(tmp_path))
-  config = pipeline.prepare_default_task(config, paths)
+  config = tasks.prepare(config, paths)
   pipeline.run_ppo(config, paths, os.path.join(workdir, "sft"), os.path.join(workdir, "reward"))
   records = read_jsonl(os.path.join(tmp_path, "ppo", "metrics.jsonl"))
   assert max(r["step"] for r in records) == 1
@@ -80,7 +81,7 @@ def test_max_steps_bounds_the_run(tmp_path, smoke_run):
   workdir, _, _ = smoke_run
   config = smoke_config(max_steps=2, eval_every=0)
   paths = pipeline.Paths(str(tmp_path))
-  config = pipeline.prepare_default_task(config, paths)
+  config = tasks.prepare(config, paths)
   final = pipeline.run_ppo(config, paths, os.path.join(workdir, "sft"),
                            os.path.join(workdir, "reward"))
   records = read_jsonl(os.path.join(tmp_path, "ppo", "metrics.jsonl"))
@@ -114,6 +115,7 @@ def test_chat_template_reaches_every_stage(tmp_path, monkeypatch):
   _spy(monkeypatch, sft, "encode_examples", sft_rows)
   _spy(monkeypatch, reward, "encode_pairs", pairs)
   _spy(monkeypatch, ppo_trainer, "encode_prompts", prompts)
+  _spy(monkeypatch, ppo_eval, "encode_prompts", prompts)
   config = dataclasses.replace(smoke_config(max_steps=1, eval_every=0, max_prompt_len=16),
                                use_chat_template=True, tokenizer_path=str(tmp_path / "tok"))
   pipeline.run_all(config, str(tmp_path / "work"))
