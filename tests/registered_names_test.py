@@ -112,3 +112,59 @@ def test_kl_in_the_loss_per_token_or_per_sequence_matches_numpy(average):
           else np.mean([r.mean() for r in rows]))
   assert len({len(r) for r in rows}) > 1   # rows of different lengths tell the two apart
   np.testing.assert_allclose(metrics["kl_loss"], want, rtol=1e-4)
+
+
+# Each run names one of the 2025 policy losses and, alongside, one of the other new names (an
+# advantage estimator, a mismatch correction, dynamic sampling), so every one of them goes
+# through the flag parser, the config tree and the PPO stage once.
+CLI_RUNS = [
+    {"ppo.policy_loss.name": "gspo", "ppo.advantage.estimator": "dr_grpo"},
+    {"ppo.policy_loss.name": "gspo_token", "ppo.advantage.estimator": "remax"},
+    {"ppo.policy_loss.name": "dr_grpo", "ppo.mismatch.correction": "tis"},
+    {"ppo.policy_loss.name": "dapo", "ppo.policy_loss.clip_eps_high": 0.28,
+     "ppo.mismatch.correction": "icepop"},
+    {"ppo.policy_loss.name": "cispo", "ppo.mismatch.correction": "seq_mask"},
+    {"ppo.policy_loss.name": "gmpo", "ppo.dynamic_sampling.enabled": True},
+    {"ppo.policy_loss.name": "sapo", "ppo.mismatch.recompute_logprobs": True},
+]
+
+
+@pytest.mark.parametrize("overrides", CLI_RUNS, ids=lambda o: o["ppo.policy_loss.name"])
+def test_every_new_name_trains_from_the_command_line(overrides, tmp_path):
+  """`--config.ppo.policy_loss.name=gspo ...` on the smoke config, parsed and checked as the PPO
+  main does (`experiments.common.stage_config` without its process setup), trains a PPO stage
+  of two iterations."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  import tiny_ppo
+  from rlhf_jax import pipeline, plugins, preflight
+  from rlhf_jax.metrics import read_jsonl
+
+  inputs = tiny_ppo.write_inputs(tmp_path / "inputs")
+  flat = {**inputs, **tiny_ppo.ppo_overrides(2), "ppo.eval_every": 0, "ppo.group_size": 2,
+          "ppo.critic": "none", "ppo.kl.in_reward": False, "ppo.kl.estimator": "k3",
+          "ppo.advantage.estimator": "grpo", **overrides}
+  argv = ["prog", "--config=experiments/configs/default.py:smoke",
+          *(f"--config.{k}={v}" for k, v in flat.items())]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  work = str(tmp_path / "run")
+  config = plugins.build_config(pipeline.ExperimentConfig, fv.config)
+  preflight.check_run(config, work, ("ppo",))
+  for path, value in overrides.items():   # the flag reached the built dataclasses
+    obj = config
+    for part in path.split("."):
+      obj = getattr(obj, part)
+    assert obj == value, path
+  pipeline.run_ppo(config, pipeline.Paths(work), config.policy_path, config.reward_path)
+  records = [r for r in read_jsonl(f"{work}/ppo/metrics.jsonl") if "pg_loss" in r]
+  assert [r["step"] for r in records] == [1, 2]
+  for r in records:
+    assert np.isfinite(r["loss"]) and r["nonfinite_steps"] == 0, r
+  if "ppo.dynamic_sampling.enabled" in overrides:
+    assert all("dynamic_sampling/batches" in r for r in records)
+  if "ppo.mismatch.correction" in overrides or "ppo.mismatch.recompute_logprobs" in overrides:
+    assert all(abs(r["mismatch/abs_logp_diff"]) < 1e-4 for r in records)
