@@ -9,10 +9,10 @@ import time
 import tiny_ppo
 
 MAX_STEPS = 30
-KILLS = 10
+KILLS = 6
 
 
-def test_ten_kills_then_resume_match_the_uninterrupted_run(tmp_path, tmp_path_factory):
+def test_six_kills_then_resume_match_the_uninterrupted_run(tmp_path, tmp_path_factory):
   overrides = {**tiny_ppo.write_inputs(tmp_path),
                **tiny_ppo.ppo_overrides(MAX_STEPS, **{"ppo.eval_every": 5})}
   cache = tiny_ppo.cache_dir(tmp_path_factory)

@@ -11,7 +11,6 @@ from flax import nnx
 from rlhf_jax import data, models, optim
 from rlhf_jax.data import batching
 from rlhf_jax.trainers import reward, sft
-from rlhf_jax.trainers import supervised as trainers
 
 
 def _right_padded(lengths, width, rng):

@@ -1,7 +1,6 @@
 """Mixed precision: bfloat16 compute with float32 master weights and optimizer state, trained
 (not only run forward); frozen reference and reward weights stored in bfloat16 when asked."""
 
-import dataclasses
 import functools
 
 import jax

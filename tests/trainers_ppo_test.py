@@ -1,6 +1,5 @@
 """Tests for rlhf_jax.trainers.ppo's loop metrics."""
 
-import numpy as np
 import pytest
 
 from rlhf_jax import data
