@@ -41,9 +41,11 @@ def win_rate(scores: np.ndarray, ref_scores: np.ndarray) -> float:
 
 
 def completion_texts(tokenizer, ids: np.ndarray, mask: np.ndarray) -> list[str]:
-  """Decoded completions: the valid tokens of each row without the tokenizer's EOS."""
-  eos = tokenizer.eos_token_id
-  return tokenizer.batch_decode([[t for t in r if t != eos] for r in valid_rows(ids, mask)])
+  """Decoded completions: the valid tokens of each row without the tokenizer's special tokens
+  (its EOS, and a chat template's end-of-turn marker such as `<|im_end|>`), as the prompts are
+  decoded and as TRL hands completions to reward functions: a format or exact-match reward
+  sees the answer, not the template's markup."""
+  return tokenizer.batch_decode(valid_rows(ids, mask), skip_special_tokens=True)
 
 
 def gold_scores(gold_fn: Callable[[str], float], texts: Sequence[str]) -> np.ndarray:

@@ -54,6 +54,14 @@ def test_completion_texts_strip_eos_and_padding(tokenizer):
       "good bad", "fine", "great good fine bad"]
 
 
+def test_completion_texts_drop_a_chat_templates_end_of_turn_marker(tmp_path):
+  tok = data.build_tokenizer(WORDS, str(tmp_path / "tok"))
+  tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+  good, end = tok.convert_tokens_to_ids(["good", "<|end|>"])
+  ids = np.array([[good, end, tok.eos_token_id]])
+  assert evaluation.completion_texts(tok, ids, np.ones_like(ids)) == ["good"]
+
+
 def test_gold_scores_judge_each_text():
   got = evaluation.gold_scores(len, ["ab", "abcd", ""])
   assert got.dtype == np.float64 and got.tolist() == [2.0, 4.0, 0.0]
