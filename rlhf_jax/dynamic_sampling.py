@@ -76,12 +76,12 @@ def fill_metrics(keep: list[jax.Array]) -> dict[str, jax.Array]:
 
 def refill(cfg: DynamicSamplingConfig, group_size: int, num_groups: int,
            sample: Callable[[int], tuple[Scored, dict[str, Any]]],
-           fill: Callable[[list[Scored], list[jax.Array]], Scored] | None = None):
+           fill: Callable[[list[Scored], list[jax.Array]], Scored]):
   """Samples batches `sample(0)`, `sample(1)`, ... (each a collect's (Scored, metrics) of
   `num_groups` groups) until their informative groups fill a batch or `cfg.max_batches` were
-  drawn; returns (the batch `fill` makes of them, default `fill_batch`; the metrics, averaged
-  over every batch sampled: the policy's, not the filter's, plus `fill_metrics`)."""
-  fill = fill or (lambda b, k: fill_batch(b, k, group_size))
+  drawn; returns (the batch `fill(batches, keep)` makes of them, e.g. a jitted `fill_batch`; the
+  metrics, averaged over every batch sampled: the policy's, not the filter's, plus
+  `fill_metrics`)."""
   batches, sampled_metrics, keep = [], [], []
   while len(batches) < cfg.max_batches and (
       not keep or int(sum(jnp.sum(k) for k in keep)) < num_groups):

@@ -136,13 +136,10 @@ def without_fsdp(rules=DEFAULT_RULES):
 def gather_fsdp(params: nnx.State, rules=DEFAULT_RULES) -> nnx.State:
   """Every Variable of `params` pinned to its `without_fsdp(rules)` sharding on the current mesh
   (in a jitted function: one all-gather over fsdp per weight, there); unchanged without a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return params
   gathered = without_fsdp(rules)
-  return jax.tree.map(
-      lambda v: v.replace(jax.lax.with_sharding_constraint(
-          v.get_value(), logical_to_spec(getattr(v, "axes", None), v.shape, mesh, gathered))),
+  return jax.tree.map(   # a Variable without logical axes is replicated, as param_shardings does
+      lambda v: v.replace(constrain(v.get_value(), getattr(v, "axes", None) or (None,) * len(v.shape),
+                                    gathered)),
       params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

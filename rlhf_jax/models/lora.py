@@ -43,6 +43,16 @@ SAVABLE = {"lm_head": "lm_head", "embed": "model.embed_tokens"}
 _IN_DIMS = {"attn.o": 2}
 
 
+def _matching(field: str, regex: str, names) -> None:
+  """Raises unless `regex` compiles and (given `names`) fully matches one of them."""
+  try:
+    pattern = re.compile(regex)
+  except re.error as e:
+    raise ValueError(f"lora.{field} {regex!r} is not a regex: {e}") from None
+  if names and not any(pattern.fullmatch(n) for n in names):
+    raise ValueError(f"lora.{field} {regex!r} matches none of {', '.join(names)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
   """Low-rank adapters on the trained models of a stage; the base weights stay frozen.
@@ -69,22 +79,10 @@ class LoRAConfig:
       raise ValueError(f"lora.rank must be >= 0 (0: off), got {self.rank}")
     if self.alpha <= 0:
       raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
-    try:
-      pattern = re.compile(self.target_modules)
-    except re.error as e:
-      raise ValueError(f"lora.target_modules {self.target_modules!r} is not a regex: {e}") from None
-    if self.rank and not any(pattern.fullmatch(n) for n in PROJECTIONS):
-      raise ValueError(f"lora.target_modules {self.target_modules!r} matches none of "
-                       f"{', '.join(PROJECTIONS)}")
+    # Off (rank 0), the regex must still parse but need not match anything.
+    _matching("target_modules", self.target_modules, PROJECTIONS if self.rank else ())
     if self.modules_to_save:
-      try:
-        pattern = re.compile(self.modules_to_save)
-      except re.error as e:
-        raise ValueError(f"lora.modules_to_save {self.modules_to_save!r} is not a regex: "
-                         f"{e}") from None
-      if not any(pattern.fullmatch(n) for n in SAVABLE):
-        raise ValueError(f"lora.modules_to_save {self.modules_to_save!r} matches none of "
-                         f"{', '.join(SAVABLE)}")
+      _matching("modules_to_save", self.modules_to_save, SAVABLE)
       if not self.rank:
         raise ValueError("lora.modules_to_save needs lora.rank > 0 (LoRA on)")
 
