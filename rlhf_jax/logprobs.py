@@ -32,18 +32,43 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _normalizer(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(logits - m, log sum_v exp(logits - m) [B, T], softmax probabilities), one exp pass.
+
+  m is the row max under stop_gradient: log Z = m + the second output, and log Z's derivative
+  is softmax(logits) whatever the shift, so the shift needs none (-inf rows get a shift of 0).
+  Results are kept relative to m so that huge logits cancel before the float32 sums.
+  """
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  shifted = logits - jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(shifted)
+  z = jnp.sum(e, axis=-1, keepdims=True)
+  return shifted, jnp.log(z)[..., 0], e / z
+
+
+def _entropy(shifted: jax.Array, log_z: jax.Array, probs: jax.Array) -> jax.Array:
+  """H = log Z - sum_v p_v logit_v (= -sum_v p_v log p_v), both terms relative to the shift;
+  logit -inf entries (p = 0) count 0, in value and gradient, instead of 0 * -inf = NaN."""
+  return log_z - jnp.sum(probs * jnp.where(jnp.isfinite(shifted), shifted, 0.0), axis=-1)
+
+
 def entropy_from_logits(logits: jax.Array) -> jax.Array:
   """Per-token entropy H = -sum_v p_v log p_v of softmax(logits), float32, [B, T].
 
-  Computed from log_softmax (no overflow for large logits); vocabulary entries with p = 0
-  (logit -inf, e.g. masked tokens) contribute 0 instead of 0 * -inf = NaN, in value and gradient.
+  As log Z - sum_v p_v logit_v, shifted by the row max (no overflow for large logits);
+  vocabulary entries with p = 0 (logit -inf, e.g. masked tokens) contribute 0 instead of
+  0 * -inf = NaN, in value and gradient.
   """
   chex.assert_rank(logits, 3)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  # log p = -inf becomes 0 so that p log p = exp(0) * 0 = 0; selecting before the product also
-  # keeps the -inf out of the gradient.
-  safe_logp = jnp.where(jnp.isfinite(logp), logp, 0.0)
-  return -jnp.sum(jnp.exp(safe_logp) * safe_logp, axis=-1)
+  return _entropy(*_normalizer(logits.astype(jnp.float32)))
+
+
+def _logprobs_and_entropy(logits: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`token_logprobs` and `entropy_from_logits` of float32 logits sharing one log Z: a single
+  exp pass over [B, T, V] instead of one per quantity."""
+  shifted, log_z, probs = _normalizer(logits)
+  picked = jnp.take_along_axis(shifted, tokens[..., None], axis=-1)[..., 0]
+  return picked - log_z, _entropy(shifted, log_z, probs)
 
 
 def chunked_token_logprobs(hidden: jax.Array, head: Callable[[jax.Array], jax.Array],
@@ -79,8 +104,7 @@ def chunked_token_logprobs(hidden: jax.Array, head: Callable[[jax.Array], jax.Ar
   b, n, d = hidden.shape
   if n <= chunk_size:
     logits = head(hidden).astype(jnp.float32) / temperature
-    logp = token_logprobs(logits, tokens)
-    return (logp, entropy_from_logits(logits)) if with_entropy else logp
+    return _logprobs_and_entropy(logits, tokens) if with_entropy else token_logprobs(logits, tokens)
   size = chunk_size
   chunks = -(-n // size)
   pad = chunks * size - n
@@ -96,10 +120,8 @@ def chunked_token_logprobs(hidden: jax.Array, head: Callable[[jax.Array], jax.Ar
     logits = head(h).astype(jnp.float32) / temperature
     valid = pos < n
     # Padded rows are zeroed here so nothing they compute can reach a result or a gradient.
-    out = [jnp.where(valid, token_logprobs(logits, tok), 0.0)]
-    if with_entropy:
-      out.append(jnp.where(valid, entropy_from_logits(logits), 0.0))
-    return tuple(out)
+    out = _logprobs_and_entropy(logits, tok) if with_entropy else (token_logprobs(logits, tok),)
+    return tuple(jnp.where(valid, x, 0.0) for x in out)
 
   outs = jax.lax.map(chunk, (split(hidden), split(tokens), positions))
   outs = tuple(jnp.moveaxis(o, 0, 1).reshape(b, chunks * size)[:, :n] for o in outs)

@@ -222,6 +222,9 @@ def _minibatch_loss(cfg: PPOConfig, state: TrainState, params, mb: Minibatch,
   policy = nnx.merge(state.policy_graphdef, params["policy"])
   hidden = completion_hidden(policy, rollout)
   logprobs, entropy = completion_logprobs(policy, rollout, hidden, with_entropy=True)
+  if not cfg.ent_coef:
+    # Only a metric then: no backward pass through the [B, N, V] softmax for a zero weight.
+    entropy = jax.lax.stop_gradient(entropy)
   pg_loss, aux = policy_loss(cfg.policy_loss, logprobs, mb.old_logprobs, mb.advantages, mask)
   pg_loss = share[loss_normalizer(POLICY_LOSSES, cfg.policy_loss.name)] * pg_loss
   entropy = per_token(masked_mean(entropy, mask))
