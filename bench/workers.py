@@ -74,7 +74,9 @@ def _model_config(p: dict, dtype: str):
       {"model_type": "gpt2", "vocab_size": p["vocab"], "n_embd": p["n_embd"],
        "n_layer": p["n_layer"], "n_head": p["n_head"], "n_positions": p["n_positions"],
        "pad_token_id": PAD_ID, "bos_token_id": EOS_ID, "eos_token_id": EOS_ID},
-      num_labels=1, dtype=dtype, param_dtype="float32")
+      num_labels=1, dtype=dtype, param_dtype="float32",
+      # Models this small on one device are bound by FLOPs, not memory (DecoderConfig).
+      last_block_rows=True)
 
 
 def worker_ours(args, p: dict) -> dict:

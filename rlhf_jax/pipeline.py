@@ -59,7 +59,8 @@ def _load(config: ExperimentConfig, path: str, kind: str):
   m = config.model
   return models.from_pretrained(path, kind=kind, dtype=m.dtype, param_dtype=m.param_dtype,
                                 mesh=make_mesh(config), remat=m.remat,
-                                logits_chunk_size=m.logits_chunk_size)
+                                logits_chunk_size=m.logits_chunk_size,
+                                last_block_rows=m.last_block_rows)
 
 
 _check_vocab = preflight.check_vocab
@@ -218,7 +219,7 @@ def _model_fields(config: ExperimentConfig, from_scratch: bool) -> dict[str, Any
   if from_scratch:
     return _fields("model", config.model)
   return {f"model.{k}": getattr(config.model, k)
-          for k in ("dtype", "param_dtype", "remat", "logits_chunk_size")}
+          for k in ("dtype", "param_dtype", "remat", "logits_chunk_size", "last_block_rows")}
 
 
 def _tokenizer_dir(config: ExperimentConfig) -> str:

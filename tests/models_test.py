@@ -234,8 +234,10 @@ def test_kv_cache_decode_matches_full_forward(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3"])
 def test_keep_equals_the_slice_of_the_full_forward(family, tmp_path):
+  """`keep` with `last_block_rows` (the last block computes the kept rows alone) gives the
+  full forward's rows and gradients; without it, `keep` is a plain slice."""
   _torch_model(family, scalar=False, path=str(tmp_path))
-  model = models.from_pretrained(str(tmp_path))
+  model = models.from_pretrained(str(tmp_path), last_block_rows=True)
   graphdef, params = nnx.split(model.decoder)
   ids, mask = map(jnp.asarray, _left_padded_batch(np.random.default_rng(5)))
   t = ids.shape[1]
@@ -251,6 +253,13 @@ def test_keep_equals_the_slice_of_the_full_forward(family, tmp_path):
     kept, _ = decoder(keep=(start, stop))
     assert kept.shape == (ids.shape[0], stop - start, model.cfg.hidden_size)
     np.testing.assert_allclose(kept, full[:, start:stop], atol=2e-5, rtol=0)
+  # The kept rows skip the last block's other queries, which must not change any gradient.
+  start, stop = 2, 5
+  w = jax.random.normal(jax.random.key(0), (ids.shape[0], stop - start, model.cfg.hidden_size))
+  grad = lambda keep: jax.jit(jax.grad(lambda p: jnp.sum(w * nnx.merge(graphdef, p)(
+      ids, attention_mask=mask, keep=keep)[0][:, -(stop - start):])))(params)
+  for got, want in zip(jax.tree.leaves(grad((start, stop))), jax.tree.leaves(grad((0, stop)))):
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   # With a cache (a prefill): the same rows, and a cache that is filled at every position.
   kept, kept_cache = decoder(keep=(t - 1, t), cached=True)
   _, full_cache = decoder(cached=True)

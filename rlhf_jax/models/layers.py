@@ -144,21 +144,24 @@ class Attention(nnx.Module):
     y = _adapted(self, name, x, _dense(x, w.reshape(w.shape[0], heads * hd), bias))
     return constrain(y.reshape(b, t, heads, hd).transpose(0, 2, 1, 3), axes)
 
-  def __call__(self, x, positions, key_mask, index, kv=None, layer=None):
+  def __call__(self, x, positions, key_mask, index, kv=None, layer=None, rows=None):
     """x [B,T,d] -> ([B,T,d], kv); key_mask [B,S].
 
     kv: None (then S == T: the keys are these tokens), or the stacked cache buffers (k, v)
     [L, B, KV, S, D], into which this `layer`'s keys and values for the T tokens are written at
     slot `index` before attending over the layer's whole slab.
+    rows: (start, stop): only these positions query (output [B, stop - start, d]); every
+      position still gives its key and value.
     """
     cfg = self.cfg
-    q = self._proj(x, "q", _HEADS)
+    start, stop = rows or (0, x.shape[1])
+    q = self._proj(x[:, start:stop], "q", _HEADS)
     k, v = self._proj(x, "k", _KV_HEADS), self._proj(x, "v", _KV_HEADS)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     if cfg.positions == "rope":
       inv_freq = rope_inv_freq(cfg)  # a trace-time constant
-      q = apply_rope(q, positions, inv_freq)
+      q = apply_rope(q, positions[:, start:stop], inv_freq)
       k = apply_rope(k, positions, inv_freq)
     if kv is not None:
       zero = jnp.zeros((), jnp.int32)
@@ -172,7 +175,7 @@ class Attention(nnx.Module):
     q = q.reshape(b, kvh, h // kvh, t, hd)
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
     scores = scores / math.sqrt(hd)
-    q_slot = index + jnp.arange(t)
+    q_slot = index + start + jnp.arange(t)
     allowed = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & key_mask[:, None, :]
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -224,9 +227,9 @@ class Block(nnx.Module):
     self.mlp_norm = Norm(cfg, cfg.hidden_size, ("embed",), rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, key_mask, index, kv=None, layer=None):
-    """x [B,T,d] -> ([B,T,d], kv); kv and layer as in `Attention.__call__`."""
+  def __call__(self, x, positions, key_mask, index, kv=None, layer=None, rows=None):
+    """x [B,T,d] -> ([B,T,d], kv); kv, layer and rows as in `Attention.__call__`."""
     x = constrain(x, EMBED)
-    y, kv = self.attn(self.attn_norm(x), positions, key_mask, index, kv, layer)
-    x = x + y
+    y, kv = self.attn(self.attn_norm(x), positions, key_mask, index, kv, layer, rows)
+    x = (x if rows is None else x[:, rows[0]:rows[1]]) + y
     return constrain(x + self.mlp(self.mlp_norm(x)), EMBED), kv

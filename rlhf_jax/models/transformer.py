@@ -93,8 +93,14 @@ class Decoder(nnx.Module):
     self.layers = _stack([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = Norm(cfg, cfg.hidden_size, ("embed",), rngs=rngs)
 
-  def _blocks(self, x, positions, key_mask, index, kv):
-    """Every block in turn, one `lax.scan` over the stacked parameters: (x, kv)."""
+  def _blocks(self, x, positions, key_mask, index, kv, rows=None):
+    """Every block in turn, one `lax.scan` over the stacked parameters: (x, kv).
+
+    rows: (start, stop) of the only positions wanted from the last block (plain forward only,
+      `DecoderConfig.last_block_rows`): that block then computes queries, attention output and
+      MLP for those rows alone, outside the scan (each earlier block needs every position for
+      its keys and values).
+    """
     graphdef, stacked = nnx.split(self.layers)
 
     def block(carry, xs):
@@ -102,10 +108,21 @@ class Decoder(nnx.Module):
       params, layer = xs
       return nnx.merge(graphdef, params)(x, positions, key_mask, index, kv, layer), None
 
+    def last(x, params):
+      return nnx.merge(graphdef, params)(x, positions, key_mask, index, rows=rows)[0]
+
     if kv is None and self.cfg.remat != "none":   # only a plain forward is ever differentiated
-      block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
-    layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
-    return jax.lax.scan(block, (x, kv), (stacked, layers))[0]
+      policy = _REMAT_POLICIES[self.cfg.remat]
+      # The scan keeps XLA from merging a block's recomputation with its forward; outside it,
+      # the last block needs prevent_cse.
+      block = jax.checkpoint(block, policy=policy, prevent_cse=False)
+      last = jax.checkpoint(last, policy=policy)
+    n = self.cfg.num_layers
+    if rows is None:
+      return jax.lax.scan(block, (x, kv), (stacked, jnp.arange(n, dtype=jnp.int32)))[0]
+    first = jax.tree.map(lambda a: a[:-1], stacked)
+    x = jax.lax.scan(block, (x, None), (first, jnp.arange(n - 1, dtype=jnp.int32)))[0][0]
+    return last(x, jax.tree.map(lambda a: a[-1], stacked)), None
 
   def __call__(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
                keep: tuple[int, int] | None = None):
@@ -137,9 +154,12 @@ class Decoder(nnx.Module):
     else:
       index, kv = cache.index, (cache.k, cache.v)
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
-    x, kv = self._blocks(x, positions, key_mask, index, kv)
-    if keep is not None:
-      x = x[:, keep[0]:keep[1]]
+    if keep is not None and cache is None and cfg.last_block_rows:
+      x, kv = self._blocks(x, positions, key_mask, index, kv, rows=keep)
+    else:
+      x, kv = self._blocks(x, positions, key_mask, index, kv)
+      if keep is not None:
+        x = x[:, keep[0]:keep[1]]
     x = self.final_norm(x)
     if cache is None:
       return x, None
