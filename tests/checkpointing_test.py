@@ -16,7 +16,7 @@ from rlhf_jax.optim import OptimConfig, make_optimizer
 from rlhf_jax.trainers.ppo import PPOTrainerConfig
 
 import tiny_ppo
-from tiny_ppo import persistent_compilation_cache, tokenizer  # noqa: F401  (fixtures)
+from tiny_ppo import tokenizer  # noqa: F401  (fixture)
 
 
 def _state(tokenizer, mesh, hidden=16, seed=0):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tiny_ppo
-from tiny_ppo import persistent_compilation_cache, tokenizer  # noqa: F401  (fixtures)
+from tiny_ppo import tokenizer  # noqa: F401  (fixture)
 from rlhf_jax import dynamic_sampling as ds
 from rlhf_jax.advantages import AdvantageConfig
 from rlhf_jax.rollout import Rollout, SamplingConfig

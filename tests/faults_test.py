@@ -10,7 +10,7 @@ import pytest
 from rlhf_jax import faults, kl as kl_lib
 
 import tiny_ppo
-from tiny_ppo import persistent_compilation_cache, tokenizer  # noqa: F401  (fixtures)
+from tiny_ppo import tokenizer  # noqa: F401  (fixture)
 
 
 def test_signals_set_the_flag_and_a_second_sigint_aborts():

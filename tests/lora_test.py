@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import tiny_ppo
-from tiny_ppo import persistent_compilation_cache, tokenizer  # noqa: F401  (fixtures)
+from tiny_ppo import tokenizer  # noqa: F401  (fixture)
 from rlhf_jax import kl as kl_lib
 from rlhf_jax import models, optim, ppo, sharding
 from rlhf_jax.collect import collect

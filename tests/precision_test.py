@@ -14,7 +14,7 @@ from rlhf_jax.collect import collect
 from rlhf_jax.rollout import SamplingConfig
 
 import tiny_ppo
-from tiny_ppo import persistent_compilation_cache, tokenizer  # noqa: F401  (fixtures)
+from tiny_ppo import tokenizer  # noqa: F401  (fixture)
 
 VOCAB, EOS, PAD, TARGET = 32, 2, 0, 7
 BF16 = models.DecoderConfig(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2,

@@ -15,7 +15,6 @@ from rlhf_jax import pipeline, stages
 from rlhf_jax.config_tree import from_config_dict
 from rlhf_jax.metrics import read_jsonl
 
-from tiny_ppo import persistent_compilation_cache  # noqa: F401  (fixture)
 
 
 def tiny_config(**overrides) -> pipeline.ExperimentConfig:

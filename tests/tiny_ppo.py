@@ -11,12 +11,10 @@ import subprocess
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 
 from rlhf_jax import data, models, sharding
 from rlhf_jax.metrics import MetricsWriter, read_jsonl
@@ -30,25 +28,10 @@ TIMING_KEYS = ("iteration_s", "tokens_per_s")
 
 
 def cache_dir(tmp_path_factory) -> str:
-  """One persistent compilation cache per test session, shared by all modules and subprocesses."""
-  return str(tmp_path_factory.getbasetemp() / "xla_cache")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-  """Trainers built one after another reuse compiled programs through a persistent cache, as a
-  restarted process would; the same executables run, so results stay bitwise comparable."""
-  options = {"jax_compilation_cache_dir": cache_dir(tmp_path_factory),
-             "jax_persistent_cache_min_compile_time_secs": 0.0,
-             "jax_persistent_cache_min_entry_size_bytes": 0}
-  before = {k: getattr(jax.config, k) for k in options}
-  for k, v in options.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
-  yield
-  for k, v in before.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
+  """One persistent compilation cache per test session, shared by all modules, both xdist
+  workers (each has its own base temp below the session's) and subprocesses."""
+  base = tmp_path_factory.getbasetemp()
+  return str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_cache")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 from rlhf_jax import data
 
 import tiny_ppo
-from tiny_ppo import persistent_compilation_cache, tokenizer  # noqa: F401  (fixtures)
+from tiny_ppo import tokenizer  # noqa: F401  (fixture)
 
 
 def test_tokens_per_s_counts_only_real_tokens(tokenizer, tmp_path):

@@ -20,7 +20,6 @@ from rlhf_jax.trainers import sft
 from rlhf_jax.trainers import supervised as trainers
 
 import tiny_ppo
-from tiny_ppo import persistent_compilation_cache  # noqa: F401  (fixture)
 
 STEPS = 6   # 48 rows / batch 8, one epoch
 
