@@ -172,6 +172,8 @@ CASES = [
      "frozen_param_dtype 'bf17' is not a dtype"),
     ("zero_logits_chunk", lambda t, i: {"model.logits_chunk_size": 0},
      "logits_chunk_size must be >= 1"),
+    ("non_boolean_last_block_rows", lambda t, i: {"model.last_block_rows": "maybe"},
+     "--config.model.last_block_rows=maybe: ('Non-boolean argument to boolean flag'"),
     ("mesh_vs_devices", lambda t, i: {"mesh_shape": "(3,1,1)"}, "needs 3 devices, but 8 are available"),
     ("sft_example_without_completion", lambda t, i: {"sft_data": _write(
         t / "sft.jsonl", '{"prompt": "good"}\n')}, "'completion'"),

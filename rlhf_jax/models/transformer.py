@@ -154,12 +154,10 @@ class Decoder(nnx.Module):
     else:
       index, kv = cache.index, (cache.k, cache.v)
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
-    if keep is not None and cache is None and cfg.last_block_rows:
-      x, kv = self._blocks(x, positions, key_mask, index, kv, rows=keep)
-    else:
-      x, kv = self._blocks(x, positions, key_mask, index, kv)
-      if keep is not None:
-        x = x[:, keep[0]:keep[1]]
+    rows = keep if cache is None and cfg.last_block_rows else None
+    x, kv = self._blocks(x, positions, key_mask, index, kv, rows=rows)
+    if keep is not None and rows is None:
+      x = x[:, keep[0]:keep[1]]
     x = self.final_norm(x)
     if cache is None:
       return x, None
