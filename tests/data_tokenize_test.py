@@ -1,7 +1,11 @@
 """Tests for rlhf_jax.data.tokenize against per-row Python reference encodings."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import tiny_ppo
 import transformers
 
 from rlhf_jax import data
@@ -289,3 +293,19 @@ class TestChatTemplate:
     out = data.encode_prompt_completion(chat_tok, SFT_PROMPTS, SFT_COMPLETIONS, 20)
     for i, (p, c) in enumerate(zip(SFT_PROMPTS, SFT_COMPLETIONS)):
       np.testing.assert_array_equal(out.ids[i], _ref_right(chat_tok, p, c, 20)[0])
+
+
+def test_without_torch_the_tokenizer_loads_with_no_advice_and_the_switch_is_restored(
+    tok_dir):
+  """As installed by the README's main command (no torch, tests/torchless): transformers'
+  "PyTorch was not found" advice is not logged, and the environment is left as it was."""
+  code = ("import os; from rlhf_jax import data; "
+          f"print(data.load_tokenizer({tok_dir!r})('good').input_ids, "
+          "os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS'))")
+  env = tiny_ppo.env("")
+  env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tiny_ppo.ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "PyTorch" not in proc.stderr, proc.stderr
+  assert proc.stdout.split()[-1] == "None"

@@ -40,6 +40,7 @@ import numpy as np
 from rlhf_jax.data.loaders import PreferencePair
 from rlhf_jax.data.loaders import SFTExample
 from rlhf_jax.data.loaders import write_jsonl
+from rlhf_jax.data.tokenize import import_transformers
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
@@ -160,7 +161,7 @@ def build_tokenizer(words_or_corpus: Iterable[str], out_dir: str) -> Any:
   synthetic corpus) round-trips exactly.
   """
   import tokenizers  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  transformers = import_transformers()
   pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
   words = set()
   for text in words_or_corpus:

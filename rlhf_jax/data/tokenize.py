@@ -91,13 +91,31 @@ _TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 
 
+def import_transformers():
+  """The `transformers` module, imported without the advice it logs when torch is absent
+  ("PyTorch was not found. Models won't be available ..."): rlhf_jax takes only tokenizers and
+  configs from it, and its install has no torch. The switch that silences the advice is set
+  for the import alone."""
+  key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+  before = os.environ.get(key)
+  os.environ[key] = "1"
+  try:
+    import transformers  # pylint: disable=g-import-not-at-top
+  finally:
+    if before is None:
+      del os.environ[key]
+    else:
+      os.environ[key] = before
+  return transformers
+
+
 def load_tokenizer(path: str) -> Any:
   """The transformers tokenizer saved in directory `path`, checked by `check_tokenizer`.
 
   A missing directory, a missing vocabulary or special-token file, and a truncated or corrupt
   JSON file each raise naming the file (transformers' own errors name neither).
   """
-  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  auto_tokenizer = import_transformers().AutoTokenizer
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
   for name in _TOKENIZER_JSON:
@@ -115,7 +133,7 @@ def load_tokenizer(path: str) -> Any:
     raise DataError(f"{os.path.join(path, 'tokenizer_config.json')}: missing (it names the pad "
                     "and EOS tokens)")
   try:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = auto_tokenizer.from_pretrained(path, trust_remote_code=False)
   except Exception as e:   # transformers raises many types, none naming the file
     raise DataError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
   check_tokenizer(tokenizer)
