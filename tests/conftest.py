@@ -2,10 +2,15 @@
 
 import os
 
-# Must run before JAX initialises its backends.
+# Must run before JAX initialises its backends. The tests compile hundreds of small programs, and
+# LLVM's optimisation of their kernels costs more time than it saves when they run: level 0
+# (the stage processes they start get the same flags, `tiny_ppo.env`).
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -1,9 +1,18 @@
 """Reward hacking made visible: on a shrunk default task, PPO without the KL penalty games the
 reward model (the monitor fires, the gold score ends below its best) and PPO with it does not (the
-monitor stays quiet, the gold score rises); and `stop_on_hacking` ends a run at the first firing."""
+monitor stays quiet, the gold score rises); and `stop_on_hacking` ends a run at the first firing.
+
+The two runs on the shrunk task (and the SFT policy and reward model they share) train in one
+process of their own, compiled at XLA's default optimisation level as a user's run is, not at the
+test processes' level 0 (conftest): their assertions are learning outcomes of one seed, and other
+rounding gives another trajectory (`python tests/hacking_test.py OUT_DIR` runs them alone).
+"""
 
 import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 import tiny_ppo
@@ -30,32 +39,43 @@ def _shrunk_config(variant: str = "default") -> pipeline.ExperimentConfig:
   return from_config_dict(pipeline.ExperimentConfig, c)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  """The shrunk task's SFT policy and reward model, trained once (the variants share them)."""
-  paths = pipeline.Paths(str(tmp_path_factory.mktemp("base")))
+VARIANTS = ("hacking", "default")
+
+
+def train_variants(root: str) -> None:
+  """The shrunk task's SFT policy and reward model, trained once, then PPO in each of VARIANTS
+  from them; each variant's run is written to <root>/<variant>."""
+  paths = pipeline.Paths(os.path.join(root, "base"))
   config = tasks.prepare(_shrunk_config(), paths)
   policy = pipeline.run_sft(config, paths)
-  return policy, pipeline.run_reward(config, paths, policy)
+  reward = pipeline.run_reward(config, paths, policy)
+  for variant in VARIANTS:
+    paths = pipeline.Paths(os.path.join(root, variant))
+    pipeline.run_ppo(tasks.prepare(_shrunk_config(variant), paths), paths, policy, reward)
 
 
-def _evaluations(tmp_path, base, variant: str) -> list[dict]:
-  paths = pipeline.Paths(str(tmp_path))
-  pipeline.run_ppo(tasks.prepare(_shrunk_config(variant), paths), paths, *base)
-  return [r for r in read_jsonl(os.path.join(paths.ppo, "metrics.jsonl"))
-          if "gold_score" in r and "reward_mean" in r]
+@pytest.fixture(scope="module")
+def evaluations(tmp_path_factory) -> dict[str, list[dict]]:
+  """Each variant's evaluation records, from one `train_variants` process (module docstring)."""
+  root = str(tmp_path_factory.mktemp("variants"))
+  env = tiny_ppo.env(tiny_ppo.cache_dir(tmp_path_factory), num_devices=8, xla_optimize=True)
+  proc = subprocess.run([sys.executable, __file__, root], cwd=tiny_ppo.ROOT, env=env,
+                        capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return {v: [r for r in read_jsonl(os.path.join(root, v, "ppo", "metrics.jsonl"))
+              if "gold_score" in r and "reward_mean" in r] for v in VARIANTS}
 
 
-def test_without_kl_the_policy_games_the_reward_model_and_the_monitor_fires(tmp_path, base):
-  evals = _evaluations(tmp_path, base, "hacking")
+def test_without_kl_the_policy_games_the_reward_model_and_the_monitor_fires(evaluations):
+  evals = evaluations["hacking"]
   gold = [evals[0]["ref_gold_score"]] + [e["gold_score"] for e in evals]
   assert any(e["reward_hacking"] for e in evals), evals
   assert gold[-1] < max(gold) - 0.5   # seen: -1.00, the reference's -0.01
   assert evals[-1]["eval_reward"] > evals[-1]["eval_ref_reward"] + 1.0
 
 
-def test_with_kl_the_gold_score_rises_and_the_monitor_stays_quiet(tmp_path, base):
-  evals = _evaluations(tmp_path, base, "default")
+def test_with_kl_the_gold_score_rises_and_the_monitor_stays_quiet(evaluations):
+  evals = evaluations["default"]
   gold = [e["gold_score"] for e in evals]
   assert not any(e["reward_hacking"] for e in evals), evals
   # Gold means over 64 prompts move by ~0.1 between evaluations: compare the last three with the
@@ -93,3 +113,8 @@ def test_stop_on_hacking_ends_the_run_at_the_first_firing(tmp_path):
   assert len(records) < cfg.max_steps
   assert final["reward_hacking"] == 1
   assert np.isfinite(final["hacking_gold_drop"]) and final["hacking_gold_drop"] > 0
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_threefry_partitionable", True)   # as conftest and the mains set it
+  train_variants(sys.argv[1])

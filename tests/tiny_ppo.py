@@ -100,11 +100,21 @@ def ppo_overrides(max_steps: int, **extra) -> dict[str, object]:
           "ppo.eval_every": 2, "ppo.max_steps": max_steps, "ppo.checkpoint_every": 1, **extra}
 
 
-def env(cache_dir: str, num_devices: int = 2) -> dict[str, str]:
-  """The subprocess environment: CPU with `num_devices` devices, the shared compilation cache."""
+def env(cache_dir: str, num_devices: int = 2, xla_optimize: bool = False) -> dict[str, str]:
+  """The subprocess environment: CPU with `num_devices` devices and this process's other XLA
+  flags (conftest), the shared compilation cache, and no torch (tests/torchless: as installed
+  by the README's main command).
+
+  xla_optimize: drop the tests' `--xla_backend_optimization_level` so that XLA compiles at its
+    default level, as a user's run does.
+  """
   e = dict(os.environ)
-  e.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-           XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+  dropped = ("--xla_force_host_platform_device_count",
+             *(("--xla_backend_optimization_level",) if xla_optimize else ()))
+  flags = [f for f in e.get("XLA_FLAGS", "").split() if not f.startswith(dropped)]
+  e.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "torchless"),
+                                                             str(ROOT)]),
+           XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={num_devices}", *flags]),
            JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return e
