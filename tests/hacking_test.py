@@ -5,7 +5,9 @@ monitor stays quiet, the gold score rises); and `stop_on_hacking` ends a run at 
 The two runs on the shrunk task (and the SFT policy and reward model they share) train in one
 process of their own, compiled at XLA's default optimisation level as a user's run is, not at the
 test processes' level 0 (conftest): their assertions are learning outcomes of one seed, and other
-rounding gives another trajectory (`python tests/hacking_test.py OUT_DIR` runs them alone).
+rounding gives another trajectory. To run them alone, as the test does:
+`JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/hacking_test.py
+OUT_DIR`.
 """
 
 import os
