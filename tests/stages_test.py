@@ -16,7 +16,6 @@ from rlhf_jax.config_tree import from_config_dict
 from rlhf_jax.metrics import read_jsonl
 
 
-
 def tiny_config(**overrides) -> pipeline.ExperimentConfig:
   """The smoke variant, with one PPO step; `overrides` maps "stage.field" to a value."""
   c = default_config.get_config("smoke")
